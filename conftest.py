@@ -1,0 +1,186 @@
+"""Root conftest: every option of the suite, the report header, and the session fixtures that
+build artifacts once per run (content-keyed cache, shared by xdist workers via file locks)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ssd_pipeline.errors import UserError
+
+ALL_BACKENDS = "torch,onnxruntime"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("ssd_pipeline")
+    g.addoption("--weight", default=os.environ.get("SSD300_WEIGHT"),
+                help="SSD300 checkpoint (ssd300_coco_20210803_015428-d231a06e.pth); default "
+                     "$SSD300_WEIGHT. Without it: seeded random-init weights (accuracy skips)")
+    g.addoption("--cfg", default=None, help="mmdet config (default: the packaged SSD300 one)")
+    g.addoption("--datasets-dir", default=os.environ.get("DATASETS_DIR"),
+                help="COCO root with annotations/instances_val2017.json (default $DATASETS_DIR)")
+    g.addoption("--max-images", type=int, default=None, help="accuracy on the first N images")
+    g.addoption("--backends", default=ALL_BACKENDS, help=f"comma list (default {ALL_BACKENDS})")
+    g.addoption("--batch-size", type=int, default=32, help="accuracy batch size (original: 32)")
+    g.addoption("--threads", type=int, default=None, help="threads per backend (default: nproc)")
+    g.addoption("--cache-dir", default=None,
+                help="artifact cache (default $SSD_PIPELINE_CACHE or ~/.cache/ssd_pipeline)")
+    g.addoption("--expectations", default=None, help="expectations TOML (default fixtures/)")
+    g.addoption("--expect", action="append", default=[], metavar="KEY=VALUE",
+                help="override one expectation, e.g. accuracy.ssd300.map_50_min=0.44")
+    g.addoption("--require-data", action="store_true",
+                help="fail (not skip) tests whose data or checkpoint is missing: for CI gating")
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for p in ("torch", "mmdet", "mmcv", "onnx", "onnxsim", "onnxruntime", "apache-tvm",
+              "pycocotools"):
+        try:
+            out.append(f"{p} {version(p)}")
+        except PackageNotFoundError:
+            out.append(f"{p} (not installed)")
+    return ", ".join(out)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    from ssd_pipeline.backends import default_threads
+    from ssd_pipeline.cache import default_cache_dir
+
+    opt = config.option
+    return [
+        f"ssd_pipeline: {_versions()}",
+        f"ssd_pipeline: backends={opt.backends} threads={opt.threads or default_threads()} "
+        f"cache={opt.cache_dir or default_cache_dir()}",
+        f"ssd_pipeline: weights={opt.weight or 'random-init (no --weight)'} "
+        f"datasets_dir={opt.datasets_dir or '(unset)'} require_data={opt.require_data}",
+        *(f"ssd_pipeline: override {e}" for e in opt.expect),
+    ]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        sizes = [config.option.batch_size] + ([config.option.threads]
+                                              if config.option.threads is not None else [])
+        if any(v <= 0 for v in sizes):
+            raise UserError("--batch-size and --threads must be positive")
+        from ssd_pipeline.expectations import Expectations
+
+        config._ssd_expectations = Expectations.load(config.option.expectations,
+                                                     config.option.expect)
+    except UserError as e:
+        raise pytest.UsageError(str(e)) from None
+
+
+def selected_backends(config: pytest.Config) -> list[str]:
+    from ssd_pipeline.backends import names
+
+    chosen = [b.strip() for b in config.option.backends.split(",") if b.strip()]
+    unknown = [b for b in chosen if b not in names()]
+    if unknown:
+        raise pytest.UsageError(f"--backends: unknown {unknown}; known: {', '.join(names())}")
+    return chosen
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # A test asking for ``backend_name`` runs once per selected backend (except torch: the
+    # reference every other backend is compared with).
+    if "backend_name" in metafunc.fixturenames:
+        names = selected_backends(metafunc.config)
+        metafunc.parametrize("backend_name", names)
+
+
+def missing_data(config: pytest.Config, reason: str) -> None:
+    """Skip with ``reason``, or fail under --require-data (a gate that did not run)."""
+    if config.option.require_data:
+        pytest.fail(f"--require-data: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+# ---------------------------------------------------------------- session fixtures
+
+
+@pytest.fixture(scope="session")
+def expectations(pytestconfig: pytest.Config) -> Any:
+    return pytestconfig._ssd_expectations
+
+
+@pytest.fixture(scope="session")
+def store(pytestconfig: pytest.Config) -> Any:
+    from ssd_pipeline.cache import ArtifactStore
+
+    return ArtifactStore(pytestconfig.option.cache_dir)
+
+
+@pytest.fixture(scope="session")
+def model_spec(pytestconfig: pytest.Config) -> Any:
+    from ssd_pipeline.model import DEFAULT_CONFIG, ModelSpec
+
+    opt = pytestconfig.option
+    try:
+        return ModelSpec(Path(opt.cfg) if opt.cfg else DEFAULT_CONFIG,
+                         Path(opt.weight) if opt.weight else None)
+    except UserError as e:
+        pytest.exit(f"error: {e}", returncode=4)
+
+
+@pytest.fixture(scope="session")
+def artifacts(model_spec: Any, store: Any, expectations: Any) -> Any:
+    from ssd_pipeline.artifacts import ModelArtifacts
+
+    return ModelArtifacts(model_spec, store, expectations.number("simplify.rel_err_max"))
+
+
+@pytest.fixture(scope="session")
+def mmdet_cfg(model_spec: Any) -> Any:
+    from ssd_pipeline.model import load_config
+
+    return load_config(model_spec.config)
+
+
+@pytest.fixture(scope="session")
+def preprocess_settings(mmdet_cfg: Any) -> Any:
+    from ssd_pipeline.data import PreprocessSettings
+
+    return PreprocessSettings.from_config(mmdet_cfg)
+
+
+@pytest.fixture(scope="session")
+def runners(pytestconfig: pytest.Config, artifacts: Any) -> Any:
+    """``runners(name, precision)``: a prepared runner, built once per session."""
+    from ssd_pipeline.backends import get_backend
+
+    cache: dict[tuple[str, str], Any] = {}
+
+    def get(name: str, precision: str = "fp32") -> Any:
+        if (name, precision) not in cache:
+            cache[name, precision] = get_backend(name).prepare(
+                artifacts, precision=precision, threads=pytestconfig.option.threads)
+        return cache[name, precision]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def sample_set(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Four synthetic images of different sizes and aspect ratios, COCO-format."""
+    from ssd_pipeline.data import CocoDetectionSet
+    from ssd_pipeline.synthetic import make_coco_set
+
+    root = tmp_path_factory.mktemp("samples")
+    ann = make_coco_set(root, "val2017", 4, seed=11,
+                        sizes=[(640, 480), (427, 640), (500, 500), (1000, 250)])
+    return CocoDetectionSet(ann, root / "images" / "val2017")
+
+
+@pytest.fixture(scope="session")
+def sample_batch(sample_set: Any, preprocess_settings: Any) -> Any:
+    """The sample images preprocessed into one batch (with their metas)."""
+    from ssd_pipeline.data import batches
+
+    return next(batches(sample_set.images, len(sample_set), preprocess_settings))

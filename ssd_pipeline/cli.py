@@ -1,0 +1,152 @@
+"""``ssd-pipeline``: export | evaluate | info (the stages, one command each).
+
+Bad input ends with one line ``error: ...`` and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+def run_main(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command body; a :class:`UserError` becomes one line on stderr and exit 2."""
+    try:
+        return fn(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    from .export import add_model_args
+
+    add_model_args(p)
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="artifact cache (default $SSD_PIPELINE_CACHE or ~/.cache/ssd_pipeline)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads per backend (default: all cores)")
+    p.add_argument("--expectations", type=Path, default=None, help="expectations TOML file")
+    p.add_argument("--expect", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one expectation, e.g. accuracy.ssd300.map_50_min=0.44")
+
+
+def make_artifacts(args: argparse.Namespace) -> Any:
+    from .artifacts import ModelArtifacts
+    from .cache import ArtifactStore
+    from .expectations import Expectations
+    from .model import ModelSpec
+
+    exp = Expectations.load(args.expectations, args.expect)
+    return ModelArtifacts(ModelSpec(args.cfg, args.weight), ArtifactStore(args.cache_dir),
+                          exp.number("simplify.rel_err_max"))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+    from .model import ModelSpec
+    from .simplify import simplify_onnx
+
+    spec = ModelSpec(args.cfg, args.weight)
+    info = export_onnx(spec, args.output, args.opset)
+    print(f"exported {info['path']}: {info['nodes']} nodes, {info['bytes'] / 1e6:.1f} MB "
+          f"in {info['export_s']:.1f} s ({spec.weights_label})")
+    if args.simplified:
+        from .expectations import Expectations
+
+        tol = Expectations.load(args.expectations, args.expect).number("simplify.rel_err_max")
+        s = simplify_onnx(args.output, args.simplified, tol)
+        print(f"simplified {args.simplified}: {s['nodes_before']} -> {s['nodes_after']} nodes "
+              f"in {s['simplify_s']:.1f} s, max relative error {s['max_rel_err']:.1e}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from . import backends
+    from .data import CocoDetectionSet, PreprocessSettings
+    from .evaluate import accuracy_record, format_table
+    from .model import load_config
+    from .postprocess import Postprocessor
+
+    if args.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    dataset = CocoDetectionSet.from_root(args.datasets_dir, args.split, args.max_images)
+    arts = make_artifacts(args)
+    cfg = load_config(args.cfg)
+    post = Postprocessor(cfg, dataset.cat_ids)
+    settings = PreprocessSettings.from_config(cfg)
+    records = []
+    for name in args.backends.split(","):
+        backend = backends.get_backend(name.strip())
+        runner = backend.prepare(arts, precision=args.precision, threads=args.threads,
+                                 batch_size=args.batch_size)
+        records.append(accuracy_record(runner, dataset, post, settings, args.batch_size,
+                                       arts.spec.weights_label, progress=not args.quiet))
+    print(format_table(records))
+    if args.output:
+        args.output.write_text(json.dumps(records, indent=1))
+        print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .artifacts import versions
+    from .backends import default_threads, names
+
+    print(json.dumps({"backends": names(), "threads": default_threads(),
+                      "versions": versions("torch", "mmdet", "mmcv", "onnx", "onnxruntime",
+                                           "apache-tvm")}, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .export import OPSET
+
+    p = argparse.ArgumentParser(prog="ssd-pipeline", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("export", help="checkpoint -> ONNX (raw head outputs, no NMS)")
+    _common(e)
+    e.add_argument("--output", type=Path, required=True)
+    e.add_argument("--simplified", type=Path, default=None,
+                   help="also write the onnxsim-simplified model here")
+    e.add_argument("--opset", type=int, default=OPSET)
+    e.set_defaults(fn=cmd_export)
+
+    v = sub.add_parser("evaluate", help="COCO accuracy per backend")
+    _common(v)
+    v.add_argument("--backends", default="torch,onnxruntime")
+    v.add_argument("--precision", default="fp32")
+    v.add_argument("--datasets-dir", default=None, help="default: $DATASETS_DIR")
+    v.add_argument("--split", default="val2017")
+    v.add_argument("--max-images", type=int, default=None)
+    v.add_argument("--batch-size", type=int, default=32)
+    v.add_argument("--output", type=Path, default=None, help="write the JSON records here")
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
+    v.set_defaults(fn=cmd_evaluate)
+
+    i = sub.add_parser("info", help="versions, backends, threads")
+    i.set_defaults(fn=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    return run_main(args.fn, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,196 @@
+"""Build the mmdet detector from a config and load a checkpoint, with errors a user can act on.
+
+mmdet is the source of truth for the model: it is built through mmdet's registry
+(``mmdet.apis.init_detector``). Without a checkpoint the model is randomly initialised with a
+fixed seed and every record says "random-init" instead of a checkpoint hash.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .cache import file_sha256
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "ssd300_coco.py"
+SSD300_CHECKPOINT_NAME = "ssd300_coco_20210803_015428-d231a06e.pth"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model is made of: a config file and a checkpoint (None: seeded random init)."""
+
+    config: Path = DEFAULT_CONFIG
+    checkpoint: Path | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "config", Path(self.config))
+        if self.checkpoint is not None:
+            object.__setattr__(self, "checkpoint", Path(self.checkpoint))
+        if not self.config.is_file():
+            raise UserError(
+                f"config not found: {self.config}; pass --cfg with an mmdet config file "
+                f"(the SSD300 one ships at {DEFAULT_CONFIG})"
+            )
+        if self.checkpoint is not None and not self.checkpoint.is_file():
+            raise UserError(
+                f"checkpoint not found: {self.checkpoint}; pass --weight with the path of "
+                f"{SSD300_CHECKPOINT_NAME} (see README: 'Data and weights'), "
+                "or leave it out for a random-init model"
+            )
+
+    @property
+    def weights_label(self) -> str:
+        """``sha256:<hex>`` of the checkpoint, or ``random-init(seed=N)``."""
+        if self.checkpoint is None:
+            return f"random-init(seed={self.seed})"
+        return "sha256:" + file_sha256(self.checkpoint)
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance: goes into cache keys, ONNX metadata and every result record."""
+        return {
+            "config": self.config.name,
+            "config_sha256": file_sha256(self.config),
+            "weights": self.weights_label,
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+        }
+
+
+def load_config(path: str | Path) -> Any:
+    """The mmengine Config at ``path``, or a UserError saying why it cannot be read."""
+    from mmengine.config import Config
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config not found: {path}")
+    try:
+        return Config.fromfile(str(path))
+    except Exception as e:  # mmengine raises many types for a bad config file
+        raise UserError(f"config {path} could not be parsed: {type(e).__name__}: {e}") from None
+
+
+def read_state_dict(path: Path) -> dict[str, Any]:
+    """The ``state_dict`` of a checkpoint file, with one-line errors for unreadable files."""
+    import torch
+
+    def load() -> Any:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "Weights only load failed" not in str(e):
+                raise
+            # mmdet checkpoints may carry mmengine objects in 'meta': a full unpickle of the
+            # user-given file is what mmengine itself does.
+            log.info("checkpoint %s needs full unpickling (meta objects)", path)
+            return torch.load(path, map_location="cpu", weights_only=False)
+
+    try:
+        ckpt = load()
+    except Exception as e:  # garbage bytes raise anything from EOFError to IndexError
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        raise UserError(
+            f"checkpoint {path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
+            f"{first}); it may be truncated or corrupt: download it again"
+        ) from None
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not state:
+        raise UserError(f"checkpoint {path} holds no state_dict (got {type(ckpt).__name__})")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def check_state_dict(model: Any, state: dict[str, Any], path: Path, config: Path) -> None:
+    """Refuse a checkpoint that does not fit the model exactly (another architecture)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
+        raise UserError(
+            f"checkpoint {path} does not fit config {config.name}: {'; '.join(parts)}. "
+            "Is it a checkpoint of this architecture?"
+        )
+
+
+def build_model(spec: ModelSpec) -> Any:
+    """The mmdet detector for ``spec`` on CPU, in eval mode, ready for inference."""
+    import torch
+    from mmdet.apis import init_detector
+    from mmdet.utils import register_all_modules
+
+    register_all_modules()
+    cfg = load_config(spec.config)
+    torch.manual_seed(spec.seed)
+    try:
+        # init_detector resets the warning filters and warns "checkpoint is None": we load
+        # the weights ourselves, so record its warnings and pass on only the others.
+        with warnings.catch_warnings(record=True) as caught:
+            model = init_detector(cfg, checkpoint=None, device="cpu")
+        for w in caught:
+            if "checkpoint is None" not in str(w.message):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    except Exception as e:
+        raise UserError(
+            f"config {spec.config} does not build an mmdet model: {type(e).__name__}: {e}"
+        ) from None
+    if spec.checkpoint is None:
+        from mmengine.logging import MMLogger
+
+        # init_detector skips init_weights; without it nothing is detected. It logs one INFO
+        # block per parameter: keep the user's terminal for what matters.
+        mm_logger = MMLogger.get_current_instance()
+        level = mm_logger.level
+        mm_logger.setLevel(logging.WARNING)
+        try:
+            model.init_weights()
+        finally:
+            mm_logger.setLevel(level)
+    else:
+        state = read_state_dict(spec.checkpoint)
+        check_state_dict(model, state, spec.checkpoint, spec.config)
+        model.load_state_dict(state, strict=True)
+    head = model.bbox_head
+    if not hasattr(head, "loss_cls"):
+        # mmdet 3.3.0 bug (issues #11305, #11780): SSDHead.predict_by_feat reads loss_cls,
+        # which SSDHead never sets; the original sets it to None the same way.
+        head.loss_cls = None
+    return model.eval()
+
+
+def head_outputs_module(model: Any) -> Any:
+    """A torch module: image batch -> the 12 raw head outputs (6 cls maps, then 6 box maps).
+
+    This is what the ONNX graph contains and what the PyTorch backend runs, so that the
+    parity tests compare the same computation. No NMS, as in the original.
+    """
+    import torch
+
+    class _HeadOutputs(torch.nn.Module):
+        def __init__(self, det: Any) -> None:
+            super().__init__()
+            self.det = det
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            cls_scores, bbox_preds = self.det.bbox_head(self.det.extract_feat(x))
+            return (*cls_scores, *bbox_preds)
+
+    return _HeadOutputs(model).eval()

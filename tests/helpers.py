@@ -1,0 +1,37 @@
+"""Assertions shared by the parity tests: numbers come from the expectations file."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ssd_pipeline.gates import require_at_most
+from ssd_pipeline.parity import match_detections, rel_errs
+
+
+def assert_raw_parity(got: list[np.ndarray], ref: list[np.ndarray], names: list[str],
+                      tol: float, source: str, record: Any = None) -> dict[str, float]:
+    """Every raw head output within ``tol`` relative error of the reference."""
+    errs = rel_errs(got, ref, names)
+    if record is not None:
+        record("raw_rel_err", {k: float(f"{v:.3g}") for k, v in errs.items()})
+    worst = max(errs, key=errs.get)
+    require_at_most(f"relative error of {worst} (worst of {len(errs)} outputs)", errs[worst],
+                    tol, source)
+    return errs
+
+
+def assert_detection_parity(got_dets: list[Any], ref_dets: list[Any], iou_min: float,
+                            score_atol: float, score_thr: float, record: Any = None) -> None:
+    """Per image, detections match by label and IoU (borderline cut-off ones excepted), and
+    the reference is not empty (a parity test on zero detections would prove nothing)."""
+    total = sum(len(d) for d in ref_dets)
+    assert total > 0, "the reference produced no detections: nothing was compared"
+    reports = [match_detections(g, r, iou_min, score_atol, score_thr)
+               for g, r in zip(got_dets, ref_dets, strict=True)]
+    if record is not None:
+        record("detections", [r.summary() for r in reports])
+    bad = [f"image {d.img_id}: {r.summary()}" for d, r in zip(ref_dets, reports, strict=True)
+           if not r.ok]
+    assert not bad, "detections differ beyond the cut-off borderline:\n" + "\n".join(bad)

@@ -1,0 +1,52 @@
+"""Backends agree: ONNX Runtime vs PyTorch on raw head outputs and on detections after NMS."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import assert_detection_parity, assert_raw_parity
+
+pytestmark = pytest.mark.parity
+
+
+@pytest.fixture(scope="session")
+def postprocessor(mmdet_cfg):
+    from ssd_pipeline.postprocess import Postprocessor
+
+    return Postprocessor(mmdet_cfg)
+
+
+@pytest.fixture(scope="session")
+def torch_outputs(runners, sample_batch):
+    return runners("torch").run(sample_batch.array)
+
+
+def test_onnx_vs_torch_raw_outputs(runners, sample_batch, torch_outputs, expectations,
+                                   record_property):
+    ort = runners("onnxruntime")
+    assert_raw_parity(ort.run(sample_batch.array), torch_outputs, ort.output_names,
+                      expectations.number("parity.fp32.raw_rel_err_max"),
+                      expectations.source("parity.fp32.raw_rel_err_max"), record_property)
+
+
+def test_onnx_vs_torch_detections(runners, sample_batch, torch_outputs, postprocessor,
+                                  expectations, record_property):
+    got = postprocessor(runners("onnxruntime").run(sample_batch.array), sample_batch.metas)
+    ref = postprocessor(torch_outputs, sample_batch.metas)
+    assert_detection_parity(got, ref, expectations.number("parity.fp32.det_iou_min"),
+                            expectations.number("parity.fp32.det_score_atol"),
+                            postprocessor.score_thr, record_property)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onnx_dynamic_batch(runners, sample_batch, torch_outputs, batch, expectations):
+    """The exported graph's batch axis is dynamic: any batch gives the same per-image rows."""
+    import numpy as np
+
+    x = np.concatenate([sample_batch.array] * 3)[:batch]
+    outs = runners("onnxruntime").run(x)
+    assert all(o.shape[0] == batch for o in outs)
+    assert_raw_parity([o[:batch] for o in outs],
+                      [np.concatenate([r] * 3)[:batch] for r in torch_outputs],
+                      runners("onnxruntime").output_names,
+                      expectations.number("parity.fp32.raw_rel_err_max"), "dynamic batch")
