@@ -30,7 +30,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="artifact cache (default $SSD_PIPELINE_CACHE or ~/.cache/ssd_pipeline)")
     g.addoption("--expectations", default=None, help="expectations TOML (default fixtures/)")
     g.addoption("--expect", action="append", default=[], metavar="KEY=VALUE",
-                help="override one expectation, e.g. accuracy.ssd300.map_50_min=0.44")
+                help="override one expectation, e.g. accuracy.ssd300_coco.map_50_min=0.44")
+    g.addoption("--records-dir", default="out",
+                help="where accuracy records (accuracy.json) are written (default ./out)")
     g.addoption("--require-data", action="store_true",
                 help="fail (not skip) tests whose data or checkpoint is missing: for CI gating")
 
@@ -87,12 +89,36 @@ def selected_backends(config: pytest.Config) -> list[str]:
     return chosen
 
 
+def backend_precisions(name: str) -> tuple[str, ...]:
+    from ssd_pipeline.backends import get_backend
+
+    return get_backend(name).precisions
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    # A test asking for ``backend_name`` runs once per selected backend (except torch: the
-    # reference every other backend is compared with).
-    if "backend_name" in metafunc.fixturenames:
-        names = selected_backends(metafunc.config)
-        metafunc.parametrize("backend_name", names)
+    # ``backend_name`` runs once per selected backend; ``compared_backend`` once per selected
+    # backend but torch (the reference it is compared with); with ``precision``, once per
+    # precision that backend offers.
+    for arg, skip in (("backend_name", ()), ("compared_backend", ("torch",))):
+        if arg not in metafunc.fixturenames:
+            continue
+        names = [n for n in selected_backends(metafunc.config) if n not in skip]
+        if "precision" in metafunc.fixturenames:
+            cases = [(n, p) for n in names for p in backend_precisions(n)]
+            metafunc.parametrize((arg, "precision"), cases, ids=[f"{n}-{p}" for n, p in cases])
+        else:
+            metafunc.parametrize(arg, names)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config
+                            ) -> None:
+    records = getattr(config, "_ssd_accuracy_records", None)
+    if records:
+        from ssd_pipeline.evaluate import format_table
+
+        terminalreporter.section("ssd_pipeline accuracy")
+        terminalreporter.write_line(format_table(records))
+        terminalreporter.write_line(f"records: {config._ssd_accuracy_path}")
 
 
 def missing_data(config: pytest.Config, reason: str) -> None:

@@ -38,7 +38,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="threads per backend (default: all cores)")
     p.add_argument("--expectations", type=Path, default=None, help="expectations TOML file")
     p.add_argument("--expect", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one expectation, e.g. accuracy.ssd300.map_50_min=0.44")
+                   help="override one expectation, e.g. accuracy.ssd300_coco.map_50_min=0.44")
 
 
 def make_artifacts(args: argparse.Namespace) -> Any:

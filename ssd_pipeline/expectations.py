@@ -40,7 +40,7 @@ class Expectations:
             key, sep, raw = item.partition("=")
             if not sep or not key.strip():
                 raise UserError(f"--expect {item!r}: expected KEY=VALUE, "
-                                "e.g. accuracy.ssd300.map_50_min=0.44")
+                                "e.g. accuracy.ssd300_coco.map_50_min=0.44")
             key = key.strip()
             node = data
             *parents, leaf = key.split(".")
