@@ -11,7 +11,7 @@ import pytest
 
 from ssd_pipeline.errors import UserError
 
-ALL_BACKENDS = "torch,onnxruntime"
+ALL_BACKENDS = "torch,onnxruntime,tvm"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

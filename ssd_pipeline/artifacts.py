@@ -35,6 +35,7 @@ class ModelArtifacts:
         self.store = store
         self.simplify_rel_err_max = simplify_rel_err_max
         self.opset = opset
+        self._engines: dict[Any, Any] = {}
 
     @functools.cached_property
     def torch_model(self) -> Any:
@@ -80,6 +81,21 @@ class ModelArtifacts:
     def simplified_onnx_path(self) -> Path:
         """The onnxsim-simplified ONNX file: what ONNX Runtime and TVM consume."""
         return self.simplified_dir / ONNX_FILE
+
+    def tvm_engine(self, spec: Any) -> Any:
+        """The compiled TVM engine for ``spec``, built once per content key, loaded."""
+        from .compile import build_engine, load_engine
+        from .kernels import build_shim
+
+        if spec not in self._engines:
+            shim = build_shim(self.store) if spec.offload == "dnnl" else None
+            onnx_path = self.simplified_onnx_path
+            inputs = {"onnx_sha256": file_sha256(onnx_path), "engine": spec.key(),
+                      "shim_sha256": file_sha256(shim) if shim else None}
+            d = self.store.get_or_build(
+                "tvm-engine", inputs, lambda tmp: build_engine(onnx_path, spec, tmp, shim))
+            self._engines[spec] = load_engine(d, spec, shim)
+        return self._engines[spec]
 
     def build_info(self) -> dict[str, Any]:
         """Export and simplification records (times, sizes, node counts)."""

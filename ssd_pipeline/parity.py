@@ -51,11 +51,18 @@ class MatchReport:
     min_iou: float = 1.0
 
     @property
-    def ok(self) -> bool:
-        return len(self.unmatched_got) + len(self.unmatched_ref) == self.borderline
+    def matched_frac(self) -> float:
+        denom = self.matched + max(len(self.unmatched_got), len(self.unmatched_ref))
+        return self.matched / denom if denom else 1.0
+
+    def ok(self, min_frac: float = 1.0) -> bool:
+        """All unmatched detections are borderline, or at least ``min_frac`` matched."""
+        all_borderline = len(self.unmatched_got) + len(self.unmatched_ref) == self.borderline
+        return all_borderline or self.matched_frac >= min_frac
 
     def summary(self) -> str:
-        return (f"matched {self.matched}, unmatched got {len(self.unmatched_got)} / "
+        return (f"matched {self.matched} ({self.matched_frac:.1%}), "
+                f"unmatched got {len(self.unmatched_got)} / "
                 f"ref {len(self.unmatched_ref)} (borderline {self.borderline}), "
                 f"min IoU {self.min_iou:.4f}, max |score diff| {self.max_score_diff:.2e}")
 

@@ -10,6 +10,7 @@ from .base import Backend, Runner, default_threads
 _REGISTRY: dict[str, str] = {
     "torch": "ssd_pipeline.backends.torch_backend:TorchBackend",
     "onnxruntime": "ssd_pipeline.backends.ort_backend:OnnxRuntimeBackend",
+    "tvm": "ssd_pipeline.backends.tvm_backend:TvmBackend",
 }
 
 

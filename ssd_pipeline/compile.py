@@ -1,0 +1,265 @@
+"""ONNX -> TVM Relax -> engine: our open counterpart of IGIE's ``relay.build(..., precision=)``.
+
+CPU (``llvm`` for the host CPU): the graph is rewritten to NHWC and every convolution (with its
+bias and ReLU) is offloaded to oneDNN through ``call_dps_packed`` (``kernels/dnnl_conv.cc``);
+TVM generates the remaining ops (pooling, L2Norm, layout changes). ``bf16`` runs the
+convolutions in bfloat16 (CPUs with avx512_bf16), reading and writing float32.
+``offload="none"`` keeps everything in TVM-generated code (untuned: seconds per image).
+
+CUDA: the whole graph in TVM with dlight's default GPU schedules; ``fp16`` through
+``ToMixedPrecision`` (float32 accumulation and outputs).
+
+An engine directory holds ``engine.so`` and ``engine.json`` (what it was built from and for);
+:func:`load_engine` refuses an engine whose record does not match what is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+# Bump when the pass pipeline changes: it is part of every engine's cache key.
+PIPELINE_VERSION = 1
+ENGINE_FILE = "engine.so"
+META_FILE = "engine.json"
+INPUT_CHW = (3, 300, 300)
+PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16")}
+OFFLOADS = {"cpu": ("dnnl", "none"), "cuda": ("none",)}
+
+
+def host_cpu() -> str:
+    """LLVM's name for this CPU (the wheel's LLVM rejects -mcpu=native)."""
+    import tvm
+
+    return str(tvm.target.codegen.llvm_get_system_cpu())
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What an engine is built for. ``batch=None``: dynamic batch."""
+
+    target: str = "cpu"
+    precision: str = "fp32"
+    batch: int | None = None
+    offload: str = "dnnl"
+    cuda_arch: str = "sm_90"
+
+    def __post_init__(self) -> None:
+        if self.target not in PRECISIONS:
+            raise UserError(f"unknown target {self.target!r}; choose one of "
+                            f"{', '.join(PRECISIONS)}")
+        if self.precision not in PRECISIONS[self.target]:
+            raise UserError(f"precision {self.precision!r} is not available on {self.target}; "
+                            f"choose one of {', '.join(PRECISIONS[self.target])}")
+        offload = self.offload if self.target == "cpu" else "none"
+        object.__setattr__(self, "offload", offload)
+        if offload not in OFFLOADS[self.target]:
+            raise UserError(f"unknown offload {offload!r}; choose one of "
+                            f"{', '.join(OFFLOADS[self.target])}")
+        if self.batch is not None and self.batch <= 0:
+            raise UserError(f"batch size must be positive, got {self.batch}")
+        if (self.target, self.precision) == ("cpu", "bf16") and "avx512_bf16" not in cpu_flags():
+            raise UserError("bf16 needs a CPU with avx512_bf16 (this one has none): use fp32")
+
+    def tvm_target(self) -> Any:
+        import tvm
+
+        from .backends.base import default_threads
+
+        if self.target == "cuda":
+            return tvm.target.Target({"kind": "cuda", "arch": self.cuda_arch},
+                                     host={"kind": "llvm"})
+        return tvm.target.Target({"kind": "llvm", "mcpu": host_cpu(),
+                                  "num-cores": default_threads()})
+
+    def key(self) -> dict[str, Any]:
+        """Everything the engine's bytes depend on (cache key and engine record)."""
+        d = asdict(self)
+        if self.target != "cuda":
+            d.pop("cuda_arch")
+        return d | {"tvm_target": str(self.tvm_target().export()) if self.target == "cuda"
+                    else f"llvm -mcpu={host_cpu()}", "tvm": version("apache-tvm"),
+                    "pipeline": PIPELINE_VERSION}
+
+
+def import_onnx(onnx_path: str | Path, batch: int | None) -> tuple[Any, list[str]]:
+    """Relax module of the ONNX graph (weights bound as constants, input checked) and the
+    graph's output names."""
+    import onnx
+    from tvm.relax.frontend.onnx import from_onnx
+
+    onnx_path = Path(onnx_path)
+    try:
+        model = onnx.load(str(onnx_path))
+    except Exception as e:
+        raise UserError(f"{onnx_path} is not a readable ONNX model ({type(e).__name__}); "
+                        "export it again") from None
+    inputs = [i for i in model.graph.input
+              if i.name not in {init.name for init in model.graph.initializer}]
+    if len(inputs) != 1:
+        raise UserError(f"{onnx_path}: expected one input, got {[i.name for i in inputs]}")
+    dims = inputs[0].type.tensor_type.shape.dim
+    chw = tuple(d.dim_value for d in dims[1:])
+    if len(dims) != 4 or chw != INPUT_CHW:
+        shape = [d.dim_param or d.dim_value for d in dims]
+        raise UserError(f"{onnx_path}: input {inputs[0].name!r} has shape {shape}, expected "
+                        f"[N, {', '.join(map(str, INPUT_CHW))}]: is it the SSD300 export?")
+    shape_dict = {inputs[0].name: [batch, *INPUT_CHW]} if batch else None
+    # keep_params_in_input=False: weights become constants of the module and travel inside
+    # the engine, so an engine can never meet a parameter list that does not fit it.
+    mod = from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
+    return mod, [o.name for o in model.graph.output]
+
+
+def offload_convolutions(mod: Any, bf16: bool) -> Any:
+    """NHWC graph; each conv2d(+bias)(+ReLU) becomes one oneDNN call."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+
+    from .kernels import CONV2D_NHWC
+
+    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
+    mod = relax.transform.FoldConstant()(mod)  # weight permutes become OHWI constants
+    x, w, b = wildcard(), is_const(), is_const()
+    conv = is_op("relax.nn.conv2d")(x, w)
+    add = is_op("relax.add")(conv, b)
+    relu = is_op("relax.nn.relu")(add)
+
+    def rewrite(expr: Any, m: Any) -> Any:
+        a = m[conv].attrs
+        if a.data_layout != "NHWC" or a.kernel_layout != "OHWI" or int(a.groups) != 1:
+            return expr  # not a form the kernel takes: TVM keeps it
+        bias = m[b].value.numpy()
+        if bias.size != int(m[conv].ty.shape[3]):
+            return expr
+        is_relu = isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.nn.relu"
+        ints = [*map(int, a.strides), *map(int, a.padding), *map(int, a.dilation),
+                int(is_relu), int(bf16)]
+        args = [m[x], m[w], relax.const(bias.reshape(-1))]
+        args += [relax.prim_value(tvm.tirx.IntImm("int64", v)) for v in ints]
+        return relax.call_dps_packed(CONV2D_NHWC, args, out_ty=expr.ty)
+
+    mod["main"] = rewrite_call(relu | add, rewrite, mod["main"])
+    return mod
+
+
+def count_ops(mod: Any) -> dict[str, int]:
+    """Relax operator histogram of ``main`` (shows what was offloaded)."""
+    import tvm
+    from tvm import relax
+
+    counts: dict[str, int] = {}
+
+    def visit(e: Any) -> None:
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
+            counts[e.op.name] = counts.get(e.op.name, 0) + 1
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return dict(sorted(counts.items()))
+
+
+def _cuda_pipeline(mod: Any, spec: EngineSpec, target: Any) -> Any:
+    from tvm import relax
+    from tvm.s_tir import dlight as dl
+
+    if spec.precision == "fp16":
+        mod = relax.transform.ConvertToDataflow()(mod)
+        mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+    with target:
+        mod = relax.get_pipeline("zero")(mod)
+        mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                      dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+    return mod
+
+
+def build_engine(onnx_path: str | Path, spec: EngineSpec, out_dir: str | Path,
+                 shim: Path | None = None) -> dict[str, Any]:
+    """Compile ``onnx_path`` for ``spec`` into ``out_dir``; return the engine record."""
+    import tvm
+
+    from .cache import file_sha256
+    from .kernels import load_shim
+
+    out_dir = Path(out_dir)
+    t0 = time.perf_counter()
+    mod, outputs = import_onnx(onnx_path, spec.batch)
+    target = spec.tvm_target()
+    if spec.offload == "dnnl":
+        if shim is None:
+            raise ValueError("offload='dnnl' needs the shim library path")
+        load_shim(str(shim))
+        mod = offload_convolutions(mod, spec.precision == "bf16")
+    ops = count_ops(mod)
+    if spec.target == "cuda":
+        mod = _cuda_pipeline(mod, spec, target)
+    ex = tvm.compile(mod, target=target)
+    ex.export_library(str(out_dir / ENGINE_FILE))
+    record = {"spec": spec.key(), "onnx_sha256": file_sha256(onnx_path),
+              "shim_sha256": file_sha256(shim) if spec.offload == "dnnl" else None,
+              "input_chw": list(INPUT_CHW), "outputs": outputs, "relax_ops": ops,
+              "compile_s": round(time.perf_counter() - t0, 3)}
+    (out_dir / META_FILE).write_text(json.dumps(record, indent=1))
+    return record
+
+
+@dataclass
+class Engine:
+    """A loaded engine: the Relax VM and its record."""
+
+    vm: Any
+    record: dict[str, Any]
+    path: Path
+    shim: Any = None  # the loaded oneDNN shim module, when the engine offloads to it
+
+
+def load_engine(engine_dir: str | Path, spec: EngineSpec, shim: Path | None = None) -> Engine:
+    """Load an engine, refusing one built for another target/precision/shape/TVM version."""
+    import tvm
+    from tvm import relax
+
+    from .kernels import load_shim
+
+    engine_dir = Path(engine_dir)
+    meta_path = engine_dir / META_FILE
+    try:
+        record = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{engine_dir} is not an engine directory ({meta_path}: {e}); "
+                        "build it with 'ssd-pipeline compile'") from None
+    want, got = spec.key(), record.get("spec", {})
+    diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+    if diff:
+        what = ", ".join(f"{k} {a!r} (expected {b!r})" for k, (a, b) in diff.items())
+        raise UserError(f"engine {engine_dir} was built for another configuration: {what}; "
+                        "rebuild it with 'ssd-pipeline compile'")
+    if spec.target == "cuda":
+        raise UserError("running a CUDA engine needs a CUDA GPU and a CUDA-enabled TVM runtime;"
+                        " this TVM build runs CPU engines only (CUDA engines compile here)")
+    if record.get("shim_sha256"):
+        from .cache import file_sha256
+
+        if shim is None or file_sha256(shim) != record["shim_sha256"]:
+            raise UserError(f"engine {engine_dir} needs the oneDNN shim it was built with "
+                            "(sha256 mismatch): rebuild the engine")
+        shim_mod = load_shim(str(shim))
+    else:
+        shim_mod = None
+    lib = tvm.runtime.load_module(str(engine_dir / ENGINE_FILE))
+    return Engine(relax.VirtualMachine(lib, tvm.cpu()), record, engine_dir, shim_mod)

@@ -1,0 +1,70 @@
+"""Native kernels the TVM engines call: built from source here, cached by content.
+
+``dnnl_conv.cc`` wraps oneDNN convolutions as TVM FFI functions (see its header comment).
+It is compiled with ``tvm_ffi.cpp.build`` against the oneDNN of the ``onednn-cpu-gomp`` wheel
+and registered as global functions that Relax's ``call_dps_packed`` finds by name.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from ..cache import ArtifactStore, file_sha256
+from ..errors import UserError
+
+SOURCE = Path(__file__).with_name("dnnl_conv.cc")
+LIB_NAME = "ssd_dnnl.so"
+CONV2D_NHWC = "ssd_pipeline.dnnl.conv2d_nhwc"
+
+
+def _onednn_prefix() -> Path:
+    prefix = Path(sys.prefix)
+    if not (prefix / "include" / "oneapi" / "dnnl" / "dnnl.hpp").is_file():
+        raise UserError(
+            f"oneDNN headers not found under {prefix}/include: install the 'tvm' extra "
+            "(pip install -e '.[tvm]' installs onednn-cpu-gomp and onednn-devel-cpu-gomp), "
+            "or build the engine with offload='none'")
+    return prefix
+
+
+def shim_inputs() -> dict[str, Any]:
+    try:
+        onednn = version("onednn-cpu-gomp")
+    except PackageNotFoundError:
+        onednn = "missing"
+    return {"source_sha256": file_sha256(SOURCE), "onednn": onednn,
+            "tvm_ffi": version("apache-tvm-ffi"), "python": sys.version.split()[0]}
+
+
+def build_shim(store: ArtifactStore) -> Path:
+    """The compiled shim library (built once per source/oneDNN/tvm-ffi version)."""
+    prefix = _onednn_prefix()
+
+    def build(tmp: Path) -> None:
+        import tvm_ffi.cpp
+
+        tvm_ffi.cpp.build(
+            "ssd_dnnl", cpp_files=[str(SOURCE)], extra_include_paths=[str(prefix / "include")],
+            extra_cflags=["-O2", "-fopenmp"],
+            extra_ldflags=[f"-L{prefix / 'lib'}", "-ldnnl", "-fopenmp",
+                           f"-Wl,-rpath,{prefix / 'lib'}"],
+            build_directory=str(tmp / "build"), output=str(tmp / LIB_NAME))
+        import shutil
+
+        shutil.rmtree(tmp / "build", ignore_errors=True)
+
+    return store.get_or_build("dnnl-shim", shim_inputs(), build) / LIB_NAME
+
+
+@functools.cache
+def load_shim(path: str) -> Any:
+    """Load the shim and register its functions globally (once per process)."""
+    import tvm_ffi
+
+    mod = tvm_ffi.load_module(path)
+    tvm_ffi.register_global_func(CONV2D_NHWC, mod.conv2d_nhwc, override=True)
+    return mod

@@ -1,0 +1,163 @@
+// Convolution offload for TVM Relax engines on x86 CPUs: oneDNN primitives behind TVM FFI
+// functions that Relax calls with R.call_dps_packed (destination-passing style: the output
+// tensor is the last argument). This is what IGIE does with -libs=...: the compiler keeps the
+// graph and the glue ops, a vendor library runs the convolutions.
+//
+// Layout contract (ssd_pipeline/compile.py rewrites the graph to it): activations NHWC
+// float32, weights OHWI float32 (constants), bias (O) float32. With bf16=1 the convolution
+// computes in bfloat16 (avx512_bf16 / AMX where present) and still reads/writes float32.
+//
+// Primitives and reordered weights are cached per (shapes, attributes, weight address); the
+// weights' content is fingerprinted so a reused address with other weights is never served a
+// stale reorder.
+#include <oneapi/dnnl/dnnl.hpp>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/function.h>
+
+#include <omp.h>
+
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace {
+
+using tvm::ffi::TensorView;
+
+dnnl::engine& CpuEngine() {
+  static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+  return eng;
+}
+
+void CheckF32(const TensorView& t, const char* name, int ndim) {
+  DLDataType f32{kDLFloat, 32, 1};
+  TVM_FFI_ICHECK(t.dtype() == f32) << name << " must be float32";
+  TVM_FFI_ICHECK(t.ndim() == ndim) << name << " must have " << ndim << " dims, got " << t.ndim();
+  TVM_FFI_ICHECK(t.device().device_type == kDLCPU) << name << " must be on the CPU";
+  TVM_FFI_ICHECK(t.IsContiguous()) << name << " must be contiguous";
+}
+
+// 16 values spread over the tensor: detects other weights behind a reused address.
+std::vector<float> Fingerprint(const float* p, int64_t n) {
+  std::vector<float> fp(16);
+  for (int i = 0; i < 16; ++i) fp[i] = p[(n - 1) * i / 15];
+  return fp;
+}
+
+struct Conv {
+  dnnl::convolution_forward prim;
+  dnnl::memory::desc src_user, src_prim, dst_md, bias_md;
+  dnnl::memory weights;            // in the primitive's preferred format and type
+  std::vector<float> fingerprint;  // of the user's weights
+  bool src_reorder = false;
+};
+
+std::mutex g_mu;
+std::unordered_map<std::string, std::shared_ptr<Conv>> g_cache;
+
+std::shared_ptr<Conv> MakeConv(const TensorView& src, const TensorView& weight,
+                               const TensorView& dst, int64_t sh, int64_t sw, int64_t pt,
+                               int64_t pl, int64_t pb, int64_t pr, int64_t dh, int64_t dw,
+                               bool relu, bool bf16) {
+  using tag = dnnl::memory::format_tag;
+  using dt = dnnl::memory::data_type;
+  const int64_t n = src.size(0), h = src.size(1), w = src.size(2), c = src.size(3);
+  const int64_t o = weight.size(0), kh = weight.size(1), kw = weight.size(2);
+  const int64_t oh = dst.size(1), ow = dst.size(2);
+  auto conv = std::make_shared<Conv>();
+  const dt compute = bf16 ? dt::bf16 : dt::f32;
+  conv->src_user = dnnl::memory::desc({n, c, h, w}, dt::f32, tag::nhwc);
+  conv->src_prim = dnnl::memory::desc({n, c, h, w}, compute, tag::nhwc);
+  conv->src_reorder = bf16;
+  conv->dst_md = dnnl::memory::desc({n, o, oh, ow}, dt::f32, tag::nhwc);
+  conv->bias_md = dnnl::memory::desc({o}, dt::f32, tag::a);
+  auto wei_any = dnnl::memory::desc({o, c, kh, kw}, compute, tag::any);
+  dnnl::post_ops ops;
+  if (relu) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+  dnnl::primitive_attr attr;
+  attr.set_post_ops(ops);
+  auto pd = dnnl::convolution_forward::primitive_desc(
+      CpuEngine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+      conv->src_prim, wei_any, conv->bias_md, conv->dst_md, {sh, sw}, {dh - 1, dw - 1},
+      {pt, pl}, {pb, pr}, attr);
+  conv->prim = dnnl::convolution_forward(pd);
+  auto wei_user = dnnl::memory({{o, c, kh, kw}, dt::f32, tag::ohwi}, CpuEngine(),
+                               weight.data_ptr());
+  conv->weights = dnnl::memory(pd.weights_desc(), CpuEngine());
+  dnnl::stream s(CpuEngine());
+  dnnl::reorder(wei_user, conv->weights).execute(s, wei_user, conv->weights);
+  s.wait();
+  conv->fingerprint = Fingerprint(static_cast<const float*>(weight.data_ptr()), weight.numel());
+  return conv;
+}
+
+// conv2d_nhwc(src NHWC, weight OHWI, bias (O), strides, pads (top, left, bottom, right),
+//             dilations, relu, bf16, dst NHWC)
+void Conv2dNHWC(TensorView src, TensorView weight, TensorView bias, int64_t sh, int64_t sw,
+                int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t dh, int64_t dw,
+                int64_t relu, int64_t bf16, TensorView dst) {
+  CheckF32(src, "src", 4);
+  CheckF32(weight, "weight", 4);
+  CheckF32(bias, "bias", 1);
+  CheckF32(dst, "dst", 4);
+  TVM_FFI_ICHECK(weight.size(3) == src.size(3)) << "weight OHWI input channels "
+      << weight.size(3) << " != src channels " << src.size(3) << " (groups are not supported)";
+  TVM_FFI_ICHECK(bias.size(0) == weight.size(0) && dst.size(3) == weight.size(0));
+  std::ostringstream key;
+  key << src.size(0) << ',' << src.size(1) << ',' << src.size(2) << ',' << src.size(3) << ';'
+      << weight.size(0) << ',' << weight.size(1) << ',' << weight.size(2) << ';' << dst.size(1)
+      << ',' << dst.size(2) << ';' << sh << sw << ';' << pt << ',' << pl << ',' << pb << ','
+      << pr << ';' << dh << dw << relu << bf16 << ';' << weight.data_ptr();
+  std::shared_ptr<Conv> conv;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    auto it = g_cache.find(key.str());
+    auto fp = Fingerprint(static_cast<const float*>(weight.data_ptr()), weight.numel());
+    if (it != g_cache.end() && it->second->fingerprint == fp) {
+      conv = it->second;
+    } else {
+      conv = MakeConv(src, weight, dst, sh, sw, pt, pl, pb, pr, dh, dw, relu != 0, bf16 != 0);
+      g_cache[key.str()] = conv;
+    }
+  }
+  auto& eng = CpuEngine();
+  dnnl::stream s(eng);
+  dnnl::memory src_m(conv->src_user, eng, src.data_ptr());
+  dnnl::memory src_c = src_m;
+  if (conv->src_reorder) {
+    src_c = dnnl::memory(conv->src_prim, eng);
+    dnnl::reorder(src_m, src_c).execute(s, src_m, src_c);
+  }
+  dnnl::memory bias_m(conv->bias_md, eng, bias.data_ptr());
+  dnnl::memory dst_m(conv->dst_md, eng, dst.data_ptr());
+  conv->prim.execute(s, {{DNNL_ARG_SRC, src_c},
+                         {DNNL_ARG_WEIGHTS, conv->weights},
+                         {DNNL_ARG_BIAS, bias_m},
+                         {DNNL_ARG_DST, dst_m}});
+  s.wait();
+}
+
+int64_t CacheSize() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  return static_cast<int64_t>(g_cache.size());
+}
+
+// oneDNN (GNU OpenMP build) threads for convolutions issued from the calling thread.
+void SetNumThreads(int64_t n) { omp_set_num_threads(static_cast<int>(n)); }
+
+void ClearCache() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  g_cache.clear();
+}
+
+}  // namespace
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(conv2d_nhwc, Conv2dNHWC);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cache_size, CacheSize);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(clear_cache, ClearCache);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(set_num_threads, SetNumThreads);

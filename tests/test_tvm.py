@@ -1,0 +1,161 @@
+"""The TVM engine: parity with ONNX Runtime per precision, cache behaviour, and refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from ssd_pipeline.compile import EngineSpec, build_engine, load_engine
+from ssd_pipeline.errors import UserError
+from tests.helpers import assert_detection_parity, assert_raw_parity
+
+
+def tvm_precisions() -> list[str]:
+    from ssd_pipeline.backends.tvm_backend import TvmBackend
+
+    return list(TvmBackend().precisions)
+
+
+def tolerance_table(precision: str) -> str:
+    return "parity.fp32" if precision == "fp32" else "parity.reduced"
+
+
+@pytest.fixture(scope="session")
+def ort_outputs(runners, sample_batch):
+    return runners("onnxruntime").run(sample_batch.array)
+
+
+@pytest.fixture(scope="session")
+def postprocessor(mmdet_cfg):
+    from ssd_pipeline.postprocess import Postprocessor
+
+    return Postprocessor(mmdet_cfg)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("precision", tvm_precisions())
+def test_tvm_vs_onnx_raw_outputs(precision, runners, sample_batch, ort_outputs, expectations,
+                                 record_property):
+    tvm = runners("tvm", precision)
+    key = f"{tolerance_table(precision)}.raw_rel_err_max"
+    assert_raw_parity(tvm.run(sample_batch.array), ort_outputs, tvm.output_names,
+                      expectations.number(key), expectations.source(key), record_property)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("precision", tvm_precisions())
+def test_tvm_vs_onnx_detections(precision, runners, sample_batch, ort_outputs, postprocessor,
+                                expectations, record_property):
+    table = tolerance_table(precision)
+    got = postprocessor(runners("tvm", precision).run(sample_batch.array), sample_batch.metas)
+    ref = postprocessor(ort_outputs, sample_batch.metas)
+    assert_detection_parity(got, ref, expectations.number(f"{table}.det_iou_min"),
+                            expectations.number(f"{table}.det_score_atol"),
+                            postprocessor.score_thr, record_property,
+                            expectations.number(f"{table}.det_match_min"))
+
+
+def test_every_convolution_is_offloaded(runners):
+    ops = runners("tvm").engine.record["relax_ops"]
+    assert "relax.nn.conv2d" not in ops, ops
+    assert ops.get("relax.call_dps_packed") == 35, ops
+
+
+def test_engine_is_built_once_and_reused(artifacts, store, model_spec, expectations):
+    from ssd_pipeline.artifacts import ModelArtifacts
+
+    artifacts.tvm_engine(EngineSpec())
+    before = [e for e in store.events() if e["stage"] == "tvm-engine"]
+    fresh = ModelArtifacts(model_spec, store, expectations.number("simplify.rel_err_max"))
+    engine = fresh.tvm_engine(EngineSpec())
+    after = [e for e in store.events() if e["stage"] == "tvm-engine"]
+    assert before == after, "a second session rebuilt an engine it had in the cache"
+    assert engine.record["onnx_sha256"]
+
+
+def test_static_batch_engine(artifacts, sample_batch, ort_outputs, expectations, tmp_path):
+    """The original's static shape (input:N,3,300,300); a wrong batch is refused."""
+    from ssd_pipeline.backends.tvm_backend import TvmRunner
+
+    spec = EngineSpec(batch=len(sample_batch.array))
+    engine = artifacts.tvm_engine(spec)
+    runner = TvmRunner(engine, spec, 2, engine.record["outputs"])
+    assert_raw_parity(runner.run(sample_batch.array), ort_outputs, runner.output_names,
+                      expectations.number("parity.fp32.raw_rel_err_max"), "static batch")
+    with pytest.raises(UserError, match="built for batch"):
+        runner.run(sample_batch.array[:1])
+
+
+def test_engine_for_another_spec_is_refused(artifacts, tmp_path):
+    engine = artifacts.tvm_engine(EngineSpec())
+    with pytest.raises(UserError, match="precision 'fp32' \\(expected 'bf16'\\)"):
+        load_engine(engine.path, EngineSpec(precision="bf16"))
+    with pytest.raises(UserError, match="batch None \\(expected 4\\)"):
+        load_engine(engine.path, EngineSpec(batch=4))
+    forged = tmp_path / "old"
+    shutil.copytree(engine.path, forged)
+    record = json.loads((forged / "engine.json").read_text())
+    record["spec"]["tvm"] = "0.19.0"
+    (forged / "engine.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match=r"tvm '0\.19\.0'"):
+        load_engine(forged, EngineSpec())
+    with pytest.raises(UserError, match="not an engine directory"):
+        load_engine(tmp_path / "nothing", EngineSpec())
+
+
+@pytest.mark.parametrize("kind", ["unknown_target", "bad_precision", "bad_batch"])
+def test_bad_engine_specs(kind):
+    args = {"unknown_target": {"target": "tpu"}, "bad_precision": {"precision": "int4"},
+            "bad_batch": {"batch": 0}}[kind]
+    with pytest.raises(UserError):
+        EngineSpec(**args)
+
+
+def test_corrupt_onnx_is_refused(tmp_path):
+    bad = tmp_path / "corrupt.onnx"
+    bad.write_bytes(b"\x08\x07garbage" * 100)
+    with pytest.raises(UserError, match="not a readable ONNX model"):
+        build_engine(bad, EngineSpec(offload="none"), tmp_path)
+
+
+def test_onnx_of_another_input_shape_is_refused(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 224, 224])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 224, 224])
+    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["y"])], "g", [x], [y])
+    path = tmp_path / "other.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    with pytest.raises(UserError, match=r"shape \[1, 3, 224, 224\], expected \[N, 3, 300, 300\]"):
+        build_engine(path, EngineSpec(offload="none"), tmp_path)
+
+
+@pytest.mark.slow
+def test_tvm_codegen_without_offload_matches(artifacts, sample_batch, ort_outputs, tmp_path,
+                                             expectations):
+    """Everything in TVM-generated code (no oneDNN): slow (tens of seconds per image) but the
+    reference for what the compiler itself computes."""
+    from ssd_pipeline.backends.tvm_backend import TvmRunner
+
+    spec = EngineSpec(offload="none", batch=1)
+    build_engine(artifacts.simplified_onnx_path, spec, tmp_path)
+    engine = load_engine(tmp_path, spec)
+    runner = TvmRunner(engine, spec, 2, engine.record["outputs"])
+    got = runner.run(sample_batch.array[:1])
+    assert_raw_parity(got, [o[:1] for o in ort_outputs], runner.output_names,
+                      expectations.number("parity.fp32.raw_rel_err_max"), "TVM codegen")
+
+
+@pytest.mark.slow
+def test_cuda_fp16_engine_compiles(artifacts, tmp_path, record_property):
+    """The CUDA build path compiles here (no GPU runs it: the wheel's runtime has no CUDA)."""
+    spec = EngineSpec(target="cuda", precision="fp16", batch=32)
+    record = build_engine(artifacts.simplified_onnx_path, spec, tmp_path)
+    size = (tmp_path / "engine.so").stat().st_size
+    record_property("cuda_fp16_engine", {"bytes": size, "compile_s": record["compile_s"]})
+    assert size > 1e6 and record["spec"]["tvm_target"].startswith("{")
+    with pytest.raises(UserError, match="CUDA"):
+        load_engine(tmp_path, spec)
