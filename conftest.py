@@ -31,6 +31,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--expectations", default=None, help="expectations TOML (default fixtures/)")
     g.addoption("--expect", action="append", default=[], metavar="KEY=VALUE",
                 help="override one expectation, e.g. accuracy.ssd300_coco.map_50_min=0.44")
+    g.addoption("--perf-batches", default="1,8,32",
+                help="batch sizes of the perf tests (default 1,8,32)")
+    g.addoption("--perf-seconds", type=float, default=3.0,
+                help="target seconds per benchmark measurement (rounds are sized to it)")
+    g.addoption("--perf-min-rounds", type=int, default=3, help="minimum benchmark rounds")
+    g.addoption("--perf-warmup", type=int, default=1, help="warm-up calls before timing")
     g.addoption("--records-dir", default="out",
                 help="where accuracy records (accuracy.json) are written (default ./out)")
     g.addoption("--require-data", action="store_true",
@@ -99,6 +105,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # ``backend_name`` runs once per selected backend; ``compared_backend`` once per selected
     # backend but torch (the reference it is compared with); with ``precision``, once per
     # precision that backend offers.
+    if "perf_batch" in metafunc.fixturenames:
+        try:
+            sizes = [int(b) for b in metafunc.config.option.perf_batches.split(",") if b]
+        except ValueError:
+            raise pytest.UsageError("--perf-batches: expected comma-separated integers") from None
+        if not sizes or min(sizes) <= 0:
+            raise pytest.UsageError("--perf-batches: batch sizes must be positive")
+        metafunc.parametrize("perf_batch", sizes, ids=[f"bs{b}" for b in sizes])
     for arg, skip in (("backend_name", ()), ("compared_backend", ("torch",))):
         if arg not in metafunc.fixturenames:
             continue
@@ -108,6 +122,20 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             metafunc.parametrize((arg, "precision"), cases, ids=[f"{n}-{p}" for n, p in cases])
         else:
             metafunc.parametrize(arg, names)
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    """CPU model, flags that matter, TVM target, thread count and library versions."""
+    from ssd_pipeline.backends import default_threads
+    from ssd_pipeline.compile import cpu_flags, host_cpu
+
+    model = next((ln.split(":", 1)[1].strip() for ln in
+                  Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")),
+                 "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+    machine_info["ssd_pipeline"] = {
+        "cpu_model": model, "llvm_cpu": host_cpu(), "threads": default_threads(),
+        "avx512_bf16": "avx512_bf16" in cpu_flags(), "amx_bf16": "amx_bf16" in cpu_flags(),
+        "versions": _versions()}
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config

@@ -1,4 +1,4 @@
-"""``ssd-pipeline``: export | evaluate | info (the stages, one command each).
+"""``ssd-pipeline``: export | compile | evaluate | bench | report | run | info.
 
 Bad input ends with one line ``error: ...`` and exit code 2, never a traceback.
 """
@@ -99,6 +99,61 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    import shutil
+
+    from .compile import EngineSpec
+
+    spec = EngineSpec(target=args.target, precision=args.precision, batch=args.batch,
+                      offload=args.offload, cuda_arch=args.cuda_arch)
+    arts = make_artifacts(args)
+    if spec.target == "cuda":
+        # CUDA engines are built (not loaded) here: the wheel's runtime cannot run them
+        from .cache import file_sha256
+        from .compile import build_engine
+
+        onnx_path = arts.simplified_onnx_path
+        d = arts.store.get_or_build(
+            "tvm-engine", {"onnx_sha256": file_sha256(onnx_path), "engine": spec.key(),
+                           "shim_sha256": None},
+            lambda tmp: build_engine(onnx_path, spec, tmp))
+        record = json.loads((d / "engine.json").read_text())
+    else:
+        engine = arts.tvm_engine(spec)
+        d, record = engine.path, engine.record
+    print(f"engine {d} ({spec.target}/{spec.precision}, batch {spec.batch or 'dynamic'}, "
+          f"offload {spec.offload}): compiled in {record['compile_s']:.1f} s")
+    if args.output:
+        shutil.copytree(d, args.output, dirs_exist_ok=True)
+        print(f"copied to {args.output}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(write_report(args.inputs, args.markdown, args.plot))
+    for p in (args.markdown, args.plot):
+        if p:
+            print(f"wrote {p}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .job import run_job
+
+    if args.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    try:
+        perf_batches = [int(b) for b in args.perf_batches.split(",") if b]
+    except ValueError:
+        raise UserError(f"--perf-batches: expected integers, got {args.perf_batches!r}") from None
+    run_job(make_artifacts(args), [b.strip() for b in args.backends.split(",")],
+            args.datasets_dir, args.max_images, args.batch_size, perf_batches,
+            args.perf_seconds, args.threads, args.out)
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .artifacts import versions
     from .backends import default_threads, names
@@ -135,6 +190,34 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--output", type=Path, default=None, help="write the JSON records here")
     v.add_argument("--quiet", action="store_true", help="no progress bar")
     v.set_defaults(fn=cmd_evaluate)
+
+    c = sub.add_parser("compile", help="ONNX -> TVM engine (cached by content)")
+    _common(c)
+    c.add_argument("--target", default="cpu", help="cpu | cuda")
+    c.add_argument("--precision", default="fp32", help="cpu: fp32 | bf16; cuda: fp32 | fp16")
+    c.add_argument("--batch", type=int, default=None, help="static batch (default: dynamic)")
+    c.add_argument("--offload", default="dnnl", help="cpu: dnnl (oneDNN convolutions) | none")
+    c.add_argument("--cuda-arch", default="sm_90")
+    c.add_argument("--output", type=Path, default=None, help="also copy the engine here")
+    c.set_defaults(fn=cmd_compile)
+
+    r = sub.add_parser("report", help="benchmark JSON -> Markdown table + PNG plot")
+    r.add_argument("inputs", type=Path, nargs="+", help="pytest --benchmark-json files")
+    r.add_argument("--markdown", type=Path, default=None)
+    r.add_argument("--plot", type=Path, default=None)
+    r.set_defaults(fn=cmd_report)
+
+    j = sub.add_parser("run", help="the main job: every stage, every backend, one report")
+    _common(j)
+    j.add_argument("--backends", default="torch,onnxruntime,tvm")
+    j.add_argument("--datasets-dir", default=None,
+                   help="COCO root (default $DATASETS_DIR; unset: the embedded synthetic set)")
+    j.add_argument("--max-images", type=int, default=None)
+    j.add_argument("--batch-size", type=int, default=8)
+    j.add_argument("--perf-batches", default="1,8")
+    j.add_argument("--perf-seconds", type=float, default=2.0)
+    j.add_argument("--out", type=Path, default=Path("out"))
+    j.set_defaults(fn=cmd_run)
 
     i = sub.add_parser("info", help="versions, backends, threads")
     i.set_defaults(fn=cmd_info)

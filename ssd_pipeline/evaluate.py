@@ -13,24 +13,24 @@ from typing import Any
 
 from .artifacts import versions
 from .backends import Runner
-from .data import CocoDetectionSet, PreprocessSettings, batches
+from .data import CocoDetectionSet, ImageRecord, PreprocessSettings, batches
 from .metrics import evaluate, load_coco
 from .postprocess import Detections, Postprocessor
 
 
-def predict(runner: Runner, dataset: CocoDetectionSet, post: Postprocessor,
+def predict(runner: Runner, records: list[ImageRecord], post: Postprocessor,
             settings: PreprocessSettings, batch_size: int, progress: bool = False
             ) -> tuple[list[Detections], float]:
-    """Detections for every image of ``dataset``, and the engine-only seconds spent."""
+    """Detections for every image of ``records``, and the engine-only seconds spent."""
     dets: list[Detections] = []
     engine_s = 0.0
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(dataset), unit="img", desc=f"{runner.backend}/{runner.precision}",
+        bar = tqdm(total=len(records), unit="img", desc=f"{runner.backend}/{runner.precision}",
                    file=sys.stderr)
-    for batch in batches(dataset.images, batch_size, settings):
+    for batch in batches(records, batch_size, settings):
         t0 = time.perf_counter()
         outputs = runner.run(batch.array)
         engine_s += time.perf_counter() - t0
@@ -47,7 +47,7 @@ def accuracy_record(runner: Runner, dataset: CocoDetectionSet, post: Postprocess
                     progress: bool = False) -> dict[str, Any]:
     """Run the whole dataset through ``runner`` and score it: a flat, self-describing record."""
     t0 = time.perf_counter()
-    dets, engine_s = predict(runner, dataset, post, settings, batch_size, progress)
+    dets, engine_s = predict(runner, dataset.images, post, settings, batch_size, progress)
     metrics = evaluate(load_coco(dataset.ann_file), dets, dataset.img_ids)
     wall_s = time.perf_counter() - t0
     return {
