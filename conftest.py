@@ -23,6 +23,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--datasets-dir", default=os.environ.get("DATASETS_DIR"),
                 help="COCO root with annotations/instances_val2017.json (default $DATASETS_DIR)")
     g.addoption("--max-images", type=int, default=None, help="accuracy on the first N images")
+    g.addoption("--models", default="ssd300,tiny",
+                help="models the accuracy and parity tests cover (default ssd300,tiny: tiny is "
+                     "the embedded trained model and runs anywhere)")
     g.addoption("--backends", default=ALL_BACKENDS, help=f"comma list (default {ALL_BACKENDS})")
     g.addoption("--batch-size", type=int, default=32, help="accuracy batch size (original: 32)")
     g.addoption("--threads", type=int, default=None, help="threads per backend (default: nproc)")
@@ -33,6 +36,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="override one expectation, e.g. accuracy.ssd300_coco.map_50_min=0.44")
     g.addoption("--perf-batches", default="1,8,32",
                 help="batch sizes of the perf tests (default 1,8,32)")
+    g.addoption("--perf-e2e-batches", default="1,8",
+                help="batch sizes of the end-to-end perf tests (default 1,8)")
     g.addoption("--perf-seconds", type=float, default=3.0,
                 help="target seconds per benchmark measurement (rounds are sized to it)")
     g.addoption("--perf-min-rounds", type=int, default=3, help="minimum benchmark rounds")
@@ -105,14 +110,26 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # ``backend_name`` runs once per selected backend; ``compared_backend`` once per selected
     # backend but torch (the reference it is compared with); with ``precision``, once per
     # precision that backend offers.
-    if "perf_batch" in metafunc.fixturenames:
-        try:
-            sizes = [int(b) for b in metafunc.config.option.perf_batches.split(",") if b]
-        except ValueError:
-            raise pytest.UsageError("--perf-batches: expected comma-separated integers") from None
-        if not sizes or min(sizes) <= 0:
-            raise pytest.UsageError("--perf-batches: batch sizes must be positive")
-        metafunc.parametrize("perf_batch", sizes, ids=[f"bs{b}" for b in sizes])
+    if "model_name" in metafunc.fixturenames:
+        from ssd_pipeline.models import MODELS
+
+        chosen = [m.strip() for m in metafunc.config.option.models.split(",") if m.strip()]
+        unknown = [m for m in chosen if m not in MODELS]
+        if unknown:
+            raise pytest.UsageError(f"--models: unknown {unknown}; known: {', '.join(MODELS)}")
+        metafunc.parametrize("model_name", chosen)
+    for arg, option in (("perf_batch", "perf_batches"), ("e2e_batch", "perf_e2e_batches")):
+        if arg in metafunc.fixturenames:
+            raw = getattr(metafunc.config.option, option)
+            try:
+                sizes = [int(b) for b in raw.split(",") if b]
+            except ValueError:
+                raise pytest.UsageError(f"--{option.replace('_', '-')}: expected "
+                                        f"comma-separated integers, got {raw!r}") from None
+            if not sizes or min(sizes) <= 0:
+                raise pytest.UsageError(f"--{option.replace('_', '-')}: batch sizes must be "
+                                        "positive")
+            metafunc.parametrize(arg, sizes, ids=[f"bs{b}" for b in sizes])
     for arg, skip in (("backend_name", ()), ("compared_backend", ("torch",))):
         if arg not in metafunc.fixturenames:
             continue
@@ -172,52 +189,60 @@ def store(pytestconfig: pytest.Config) -> Any:
 
 
 @pytest.fixture(scope="session")
-def model_spec(pytestconfig: pytest.Config) -> Any:
-    from ssd_pipeline.model import DEFAULT_CONFIG, ModelSpec
+def bundles(pytestconfig: pytest.Config, store: Any, expectations: Any) -> Any:
+    """``bundles(name)``: a :class:`ModelBundle` (artifacts, config, runners), built once.
+    ``ssd300`` takes --cfg/--weight; ``tiny`` is the embedded model with its own weights."""
+    from ssd_pipeline.model import ModelSpec
+    from ssd_pipeline.models import ModelBundle, get_model
 
     opt = pytestconfig.option
-    try:
-        return ModelSpec(Path(opt.cfg) if opt.cfg else DEFAULT_CONFIG,
-                         Path(opt.weight) if opt.weight else None)
-    except UserError as e:
-        pytest.exit(f"error: {e}", returncode=4)
+    cache: dict[str, Any] = {}
 
-
-@pytest.fixture(scope="session")
-def artifacts(model_spec: Any, store: Any, expectations: Any) -> Any:
-    from ssd_pipeline.artifacts import ModelArtifacts
-
-    return ModelArtifacts(model_spec, store, expectations.number("simplify.rel_err_max"))
-
-
-@pytest.fixture(scope="session")
-def mmdet_cfg(model_spec: Any) -> Any:
-    from ssd_pipeline.model import load_config
-
-    return load_config(model_spec.config)
-
-
-@pytest.fixture(scope="session")
-def preprocess_settings(mmdet_cfg: Any) -> Any:
-    from ssd_pipeline.data import PreprocessSettings
-
-    return PreprocessSettings.from_config(mmdet_cfg)
-
-
-@pytest.fixture(scope="session")
-def runners(pytestconfig: pytest.Config, artifacts: Any) -> Any:
-    """``runners(name, precision)``: a prepared runner, built once per session."""
-    from ssd_pipeline.backends import get_backend
-
-    cache: dict[tuple[str, str], Any] = {}
-
-    def get(name: str, precision: str = "fp32") -> Any:
-        if (name, precision) not in cache:
-            cache[name, precision] = get_backend(name).prepare(
-                artifacts, precision=precision, threads=pytestconfig.option.threads)
-        return cache[name, precision]
+    def get(name: str) -> Any:
+        if name not in cache:
+            entry = get_model(name)
+            try:
+                spec = entry.spec(opt.weight if name == "ssd300" else None)
+                if name == "ssd300" and opt.cfg:
+                    spec = ModelSpec(Path(opt.cfg), spec.checkpoint)
+            except UserError as e:
+                pytest.exit(f"error: {e}", returncode=4)
+            cache[name] = ModelBundle(entry, spec, store,
+                                      expectations.number("simplify.rel_err_max"), opt.threads)
+        return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def ssd300(bundles: Any) -> Any:
+    return bundles("ssd300")
+
+
+@pytest.fixture(scope="session")
+def model_spec(ssd300: Any) -> Any:
+    return ssd300.spec
+
+
+@pytest.fixture(scope="session")
+def artifacts(ssd300: Any) -> Any:
+    return ssd300.artifacts
+
+
+@pytest.fixture(scope="session")
+def mmdet_cfg(ssd300: Any) -> Any:
+    return ssd300.cfg
+
+
+@pytest.fixture(scope="session")
+def preprocess_settings(ssd300: Any) -> Any:
+    return ssd300.settings
+
+
+@pytest.fixture(scope="session")
+def runners(ssd300: Any) -> Any:
+    """``runners(name, precision)``: an SSD300 runner, prepared once per session."""
+    return ssd300.runner
 
 
 @pytest.fixture(scope="session")

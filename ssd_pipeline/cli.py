@@ -28,9 +28,12 @@ def run_main(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
         return 130
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, default_model: str = "ssd300") -> None:
     from .export import add_model_args
 
+    p.add_argument("--model", default=default_model,
+                   help=f"ssd300 (needs --weight for real weights) or tiny (the embedded "
+                        f"trained model); default {default_model}")
     add_model_args(p)
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="artifact cache (default $SSD_PIPELINE_CACHE or ~/.cache/ssd_pipeline)")
@@ -41,23 +44,27 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="override one expectation, e.g. accuracy.ssd300_coco.map_50_min=0.44")
 
 
-def make_artifacts(args: argparse.Namespace) -> Any:
-    from .artifacts import ModelArtifacts
+def make_bundle(args: argparse.Namespace) -> Any:
+    """The model the command works on: --model's entry, with --cfg/--weight overrides."""
     from .cache import ArtifactStore
     from .expectations import Expectations
     from .model import ModelSpec
+    from .models import ModelBundle, get_model
 
     exp = Expectations.load(args.expectations, args.expect)
-    return ModelArtifacts(ModelSpec(args.cfg, args.weight), ArtifactStore(args.cache_dir),
-                          exp.number("simplify.rel_err_max"))
+    entry = get_model(args.model)
+    spec = entry.spec(args.weight)
+    if args.cfg:
+        spec = ModelSpec(args.cfg, spec.checkpoint)
+    return ModelBundle(entry, spec, ArtifactStore(args.cache_dir),
+                       exp.number("simplify.rel_err_max"), args.threads)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx
-    from .model import ModelSpec
     from .simplify import simplify_onnx
 
-    spec = ModelSpec(args.cfg, args.weight)
+    spec = make_bundle(args).spec
     info = export_onnx(spec, args.output, args.opset)
     print(f"exported {info['path']}: {info['nodes']} nodes, {info['bytes'] / 1e6:.1f} MB "
           f"in {info['export_s']:.1f} s ({spec.weights_label})")
@@ -72,26 +79,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from . import backends
-    from .data import CocoDetectionSet, PreprocessSettings
     from .evaluate import accuracy_record, format_table
-    from .model import load_config
-    from .postprocess import Postprocessor
 
     if args.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
-    dataset = CocoDetectionSet.from_root(args.datasets_dir, args.split, args.max_images)
-    arts = make_artifacts(args)
-    cfg = load_config(args.cfg)
-    post = Postprocessor(cfg, dataset.cat_ids)
-    settings = PreprocessSettings.from_config(cfg)
-    records = []
-    for name in args.backends.split(","):
-        backend = backends.get_backend(name.strip())
-        runner = backend.prepare(arts, precision=args.precision, threads=args.threads,
-                                 batch_size=args.batch_size)
-        records.append(accuracy_record(runner, dataset, post, settings, args.batch_size,
-                                       arts.spec.weights_label, progress=not args.quiet))
+    bundle = make_bundle(args)
+    dataset = bundle.entry.dataset(bundle.artifacts.store.root, args.datasets_dir,
+                                   args.max_images)
+    post = bundle.postprocessor(dataset.cat_ids)
+    records = [accuracy_record(bundle.runner(name.strip(), args.precision), dataset, post,
+                               bundle.settings, args.batch_size, bundle.spec.weights_label,
+                               progress=not args.quiet)
+               for name in args.backends.split(",")]
     print(format_table(records))
     if args.output:
         args.output.write_text(json.dumps(records, indent=1))
@@ -106,7 +105,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     spec = EngineSpec(target=args.target, precision=args.precision, batch=args.batch,
                       offload=args.offload, cuda_arch=args.cuda_arch)
-    arts = make_artifacts(args)
+    arts = make_bundle(args).artifacts
     if spec.target == "cuda":
         # CUDA engines are built (not loaded) here: the wheel's runtime cannot run them
         from .cache import file_sha256
@@ -148,9 +147,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         perf_batches = [int(b) for b in args.perf_batches.split(",") if b]
     except ValueError:
         raise UserError(f"--perf-batches: expected integers, got {args.perf_batches!r}") from None
-    run_job(make_artifacts(args), [b.strip() for b in args.backends.split(",")],
+    run_job(make_bundle(args), [b.strip() for b in args.backends.split(",")],
             args.datasets_dir, args.max_images, args.batch_size, perf_batches,
-            args.perf_seconds, args.threads, args.out)
+            args.perf_seconds, args.out)
+    return 0
+
+
+def cmd_roofline(args: argparse.Namespace) -> int:
+    from .timing import matmul_roofline
+
+    r = matmul_roofline(args.n, args.threads)
+    print(f"{r['n']}^3 matrix product on {r['threads']} threads: "
+          f"fp32 {r['fp32_gflops']:.0f} GFLOP/s, bf16 {r['bf16_gflops']:.0f} GFLOP/s")
     return 0
 
 
@@ -183,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(v)
     v.add_argument("--backends", default="torch,onnxruntime")
     v.add_argument("--precision", default="fp32")
-    v.add_argument("--datasets-dir", default=None, help="default: $DATASETS_DIR")
-    v.add_argument("--split", default="val2017")
+    v.add_argument("--datasets-dir", default=None,
+                   help="COCO root for ssd300 (default $DATASETS_DIR); tiny uses its own set")
     v.add_argument("--max-images", type=int, default=None)
     v.add_argument("--batch-size", type=int, default=32)
     v.add_argument("--output", type=Path, default=None, help="write the JSON records here")
@@ -208,16 +216,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_report)
 
     j = sub.add_parser("run", help="the main job: every stage, every backend, one report")
-    _common(j)
+    _common(j, default_model="tiny")
     j.add_argument("--backends", default="torch,onnxruntime,tvm")
     j.add_argument("--datasets-dir", default=None,
-                   help="COCO root (default $DATASETS_DIR; unset: the embedded synthetic set)")
+                   help="COCO root for --model ssd300 (default $DATASETS_DIR)")
     j.add_argument("--max-images", type=int, default=None)
     j.add_argument("--batch-size", type=int, default=8)
     j.add_argument("--perf-batches", default="1,8")
     j.add_argument("--perf-seconds", type=float, default=2.0)
     j.add_argument("--out", type=Path, default=Path("out"))
     j.set_defaults(fn=cmd_run)
+
+    f = sub.add_parser("roofline", help="fp32/bf16 matrix-product GFLOP/s on these threads")
+    f.add_argument("--n", type=int, default=4096)
+    f.add_argument("--threads", type=int, default=None)
+    f.set_defaults(fn=cmd_roofline)
 
     i = sub.add_parser("info", help="versions, backends, threads")
     i.set_defaults(fn=cmd_info)

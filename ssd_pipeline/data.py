@@ -81,6 +81,11 @@ def load_image(path: str | Path) -> np.ndarray:
         raise UserError(f"image not found: {path}") from None
     except OSError as e:
         raise UserError(f"image {path} cannot be read: {e.strerror}") from None
+    if content[:2] == b"\xff\xd8" and content.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        # libjpeg decodes a truncated JPEG with a grey bottom and only a warning: a
+        # conformance run must not score a damaged image silently.
+        raise UserError(f"image {path} is a truncated JPEG (no end-of-image marker): "
+                        "copy the dataset again")
     img = mmcv.imfrombytes(content, flag="color", backend="cv2") if content else None
     if img is None:
         raise UserError(f"image {path} is not a decodable image (corrupt or empty file)")

@@ -113,7 +113,8 @@ def read_provenance(model: Any) -> dict[str, Any]:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight", type=Path, default=None,
                    help="checkpoint (.pth); omitted: seeded random init, labelled as such")
-    p.add_argument("--cfg", type=Path, default=DEFAULT_CONFIG, help="mmdet config file")
+    p.add_argument("--cfg", type=Path, default=None,
+                   help=f"mmdet config file (default {DEFAULT_CONFIG.name})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--opset", type=int, default=OPSET)
 
     def go(args: argparse.Namespace) -> int:
-        info = export_onnx(ModelSpec(args.cfg, args.weight), args.output, args.opset)
+        info = export_onnx(ModelSpec(args.cfg or DEFAULT_CONFIG, args.weight), args.output,
+                           args.opset)
         print(f"exported {info['path']}: {info['nodes']} nodes, "
               f"{info['bytes'] / 1e6:.1f} MB in {info['export_s']:.1f} s")
         return 0

@@ -1,9 +1,8 @@
 """The main job (``ssd-pipeline run``): export -> simplify -> compile -> accuracy -> parity ->
 speed -> report, for every backend and precision, with nothing to download by default.
 
-Without ``--datasets-dir``/``$DATASETS_DIR`` it runs on a synthetic COCO-format set that it
-generates (deterministic, cached); without ``--weight`` the model has seeded random weights,
-and every table says so.
+By default it runs the embedded model (``--model tiny``: a small SSD trained here, with its
+generated val set); ``--model ssd300 --weight W --datasets-dir D`` runs the real thing.
 """
 
 from __future__ import annotations
@@ -15,12 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from . import backends
-from .artifacts import ModelArtifacts
-from .data import COCO80_CATEGORY_IDS, CocoDetectionSet, PreprocessSettings, batches
+from .data import batches
 from .evaluate import accuracy_record, format_table
-from .model import load_config
+from .models import ModelBundle
 from .parity import rel_errs
-from .postprocess import Postprocessor
 from .report import write_report
 from .timing import conv_gflop_per_image, measure, rounds_for, summarize
 
@@ -29,31 +26,18 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def embedded_dataset(store_root: Path, num_images: int, num_classes: int) -> CocoDetectionSet:
-    """The synthetic val set the main job uses when no COCO is given (generated once)."""
-    from .synthetic import make_coco_set
-
-    root = store_root / "embedded" / f"synthetic-{num_classes}c-{num_images}"
-    ann = root / "annotations" / "instances_val2017.json"
-    if not ann.is_file():
-        cats = ([(i, f"coco{i}") for i in COCO80_CATEGORY_IDS] if num_classes == 80 else None)
-        make_coco_set(root, "val2017", num_images, seed=7, categories=cats, crowd_images=2,
-                      empty_images=1)
-    return CocoDetectionSet(ann, root / "images" / "val2017")
-
-
 def cases(names: list[str]) -> list[tuple[str, str]]:
     return [(n, p) for n in names for p in backends.get_backend(n).precisions]
 
 
-def run_job(arts: ModelArtifacts, names: list[str], datasets_dir: str | None,
+def run_job(bundle: ModelBundle, names: list[str], datasets_dir: str | None,
             max_images: int | None, batch_size: int, perf_batches: list[int],
-            perf_seconds: float, threads: int | None, out: Path) -> dict[str, Any]:
+            perf_seconds: float, out: Path) -> dict[str, Any]:
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(arts.spec.config)
+    arts = bundle.artifacts
     weights = arts.spec.weights_label
-    say(f"[1/6] model {arts.spec.config.name}, weights {weights}")
+    say(f"[1/6] model {bundle.entry.name} ({arts.spec.config.name}), weights {weights}")
     if arts.spec.checkpoint is None:
         say("      no --weight: seeded random weights. Accuracy below shows that every stage "
             "runs and agrees, not that the model detects anything.")
@@ -64,22 +48,18 @@ def run_job(arts: ModelArtifacts, names: list[str], datasets_dir: str | None,
         f" s); onnxsim: {si['nodes_before']} -> {si['nodes_after']} nodes, checked to "
         f"{si['max_rel_err']:.1e} ({time.perf_counter() - t:.1f} s incl. cache)")
     say("[3/6] preparing backends (TVM engines compile once, then come from the cache)")
+    # the dataset first: a missing one is reported before anything is compiled
+    dataset = bundle.entry.dataset(arts.store.root, datasets_dir, max_images)
     runners = {}
     for name, precision in cases(names):
         t = time.perf_counter()
-        runners[name, precision] = backends.get_backend(name).prepare(
-            arts, precision=precision, threads=threads)
+        runners[name, precision] = bundle.runner(name, precision)
         extra = runners[name, precision].info.get("compile_s")
         say(f"      {name}/{precision}: ready in {time.perf_counter() - t:.1f} s"
             + (f" (engine compiled in {extra:.1f} s when built)" if extra else ""))
-    if datasets_dir:
-        dataset = CocoDetectionSet.from_root(datasets_dir, max_images=max_images)
-    else:
-        dataset = embedded_dataset(arts.store.root, max_images or 24,
-                                   Postprocessor(cfg).head.num_classes)
     say(f"[4/6] accuracy on {len(dataset)} images of {dataset.ann_file}")
-    post = Postprocessor(cfg, dataset.cat_ids)
-    settings = PreprocessSettings.from_config(cfg)
+    post = bundle.postprocessor(dataset.cat_ids)
+    settings = bundle.settings
     records = []
     for runner in runners.values():
         records.append(accuracy_record(runner, dataset, post, settings, batch_size, weights,

@@ -168,6 +168,8 @@ def build_model(spec: ModelSpec) -> Any:
         state = read_state_dict(spec.checkpoint)
         check_state_dict(model, state, spec.checkpoint, spec.config)
         model.load_state_dict(state, strict=True)
+    if cfg.get("classes"):
+        model.dataset_meta = {"classes": list(cfg.classes)}  # not COCO's: init_detector's default
     head = model.bbox_head
     if not hasattr(head, "loss_cls"):
         # mmdet 3.3.0 bug (issues #11305, #11780): SSDHead.predict_by_feat reads loss_cls,

@@ -82,8 +82,8 @@ def make_coco_set(out_dir: str | Path, split: str, num_images: int, seed: int,
         n_obj = 0 if empty else int(rng.integers(1, max_objects + 1))
         for _ in range(n_obj):
             label = int(rng.integers(len(categories)))
-            # mostly medium/large, some small (< 32x32 px, COCO's "small")
-            side = rng.uniform(0.08, 0.5) if rng.random() > 0.2 else rng.uniform(0.03, 0.06)
+            # mostly medium/large, some small (mostly < 32x32 px: COCO's "small")
+            side = rng.uniform(0.08, 0.5) if rng.random() > 0.2 else rng.uniform(0.05, 0.08)
             bw = max(8, int(side * min(w, h) * rng.uniform(0.7, 1.4)))
             bh = max(8, int(side * min(w, h) * rng.uniform(0.7, 1.4)))
             x1 = int(rng.integers(0, max(1, w - bw)))

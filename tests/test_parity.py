@@ -1,4 +1,5 @@
-"""Backends agree: ONNX Runtime vs PyTorch on raw head outputs and on detections after NMS."""
+"""Backends agree: ONNX Runtime vs PyTorch on raw head outputs and on detections after NMS,
+for every model (--models)."""
 
 from __future__ import annotations
 
@@ -10,29 +11,32 @@ pytestmark = pytest.mark.parity
 
 
 @pytest.fixture(scope="session")
-def postprocessor(mmdet_cfg):
-    from ssd_pipeline.postprocess import Postprocessor
+def torch_outputs(bundles, sample_batch):
+    """``torch_outputs(model)``: the reference head outputs on the sample batch."""
+    cache: dict = {}
 
-    return Postprocessor(mmdet_cfg)
+    def get(model: str):
+        if model not in cache:
+            cache[model] = bundles(model).runner("torch").run(sample_batch.array)
+        return cache[model]
+
+    return get
 
 
-@pytest.fixture(scope="session")
-def torch_outputs(runners, sample_batch):
-    return runners("torch").run(sample_batch.array)
-
-
-def test_onnx_vs_torch_raw_outputs(runners, sample_batch, torch_outputs, expectations,
-                                   record_property):
-    ort = runners("onnxruntime")
-    assert_raw_parity(ort.run(sample_batch.array), torch_outputs, ort.output_names,
+def test_onnx_vs_torch_raw_outputs(model_name, bundles, sample_batch, torch_outputs,
+                                   expectations, record_property):
+    ort = bundles(model_name).runner("onnxruntime")
+    assert_raw_parity(ort.run(sample_batch.array), torch_outputs(model_name), ort.output_names,
                       expectations.number("parity.fp32.raw_rel_err_max"),
                       expectations.source("parity.fp32.raw_rel_err_max"), record_property)
 
 
-def test_onnx_vs_torch_detections(runners, sample_batch, torch_outputs, postprocessor,
+def test_onnx_vs_torch_detections(model_name, bundles, sample_batch, torch_outputs,
                                   expectations, record_property):
-    got = postprocessor(runners("onnxruntime").run(sample_batch.array), sample_batch.metas)
-    ref = postprocessor(torch_outputs, sample_batch.metas)
+    b = bundles(model_name)
+    postprocessor = b.postprocessor()
+    got = postprocessor(b.runner("onnxruntime").run(sample_batch.array), sample_batch.metas)
+    ref = postprocessor(torch_outputs(model_name), sample_batch.metas)
     assert_detection_parity(got, ref, expectations.number("parity.fp32.det_iou_min"),
                             expectations.number("parity.fp32.det_score_atol"),
                             postprocessor.score_thr, record_property)
@@ -40,6 +44,7 @@ def test_onnx_vs_torch_detections(runners, sample_batch, torch_outputs, postproc
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_onnx_dynamic_batch(runners, sample_batch, torch_outputs, batch, expectations):
+    torch_outputs = torch_outputs("ssd300")
     """The exported graph's batch axis is dynamic: any batch gives the same per-image rows."""
     import numpy as np
 

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Seed-compatible entry point (DeepSparkInference's scripts/infer_ssd_fp16_accuracy.sh), gated.
+#   DATASETS_DIR=/path/to/coco WEIGHT=ssd300_coco_20210803_015428-d231a06e.pth \
+#     bash scripts/infer_ssd_fp16_accuracy.sh [--bs 32] [--precision auto|fp16|bf16|fp32]
+# Runs the SSD300 accuracy gate (pytest -m accuracy) on the TVM engine at the given batch and
+# precision. The original's FP16 is a GPU precision: on a CPU this script says which precision
+# it uses instead (bf16 where the CPU has avx512_bf16, else fp32) and why.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bs=32; precision=auto
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --bs) bs="$2"; shift 2 ;;
+    --precision) precision="$2"; shift 2 ;;
+    *) echo "error: unknown argument $1 (use --bs N --precision auto|fp16|bf16|fp32)" >&2; exit 2 ;;
+  esac
+done
+# shellcheck source=scripts/_precision.sh
+. scripts/_precision.sh
+: "${DATASETS_DIR:?error: set DATASETS_DIR to the COCO root (annotations/instances_val2017.json, images/val2017/)}"
+: "${WEIGHT:?error: set WEIGHT to ssd300_coco_20210803_015428-d231a06e.pth}"
+exec .venv/bin/python -m pytest tests/test_accuracy.py -m accuracy --require-data \
+  --models ssd300 --backends tvm,torch -k "$precision or torch" --batch-size "$bs" \
+  --datasets-dir "$DATASETS_DIR" --weight "$WEIGHT"

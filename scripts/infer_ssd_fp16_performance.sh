@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Seed-compatible entry point (DeepSparkInference's scripts/infer_ssd_fp16_performance.sh):
+#   bash scripts/infer_ssd_fp16_performance.sh [--bs 32] [--precision auto|fp16|bf16|fp32]
+# Engine-only throughput of the TVM engine against ONNX Runtime in the same run
+# (pytest -m perf, pytest-benchmark), written to out/perf_ssd.json and out/perf_ssd.md/.png.
+# Speed does not depend on the weights: without WEIGHT it uses the random-init SSD300.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bs=32; precision=auto
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --bs) bs="$2"; shift 2 ;;
+    --precision) precision="$2"; shift 2 ;;
+    *) echo "error: unknown argument $1 (use --bs N --precision auto|fp16|bf16|fp32)" >&2; exit 2 ;;
+  esac
+done
+# shellcheck source=scripts/_precision.sh
+. scripts/_precision.sh
+mkdir -p out
+weight_args=()
+[ -n "${WEIGHT:-}" ] && weight_args=(--weight "$WEIGHT")
+.venv/bin/python -m pytest tests/test_perf.py -m perf -k "engine_only and (onnxruntime or $precision)" \
+  --backends onnxruntime,tvm --perf-batches "$bs" --benchmark-json out/perf_ssd.json "${weight_args[@]}"
+.venv/bin/ssd-pipeline report out/perf_ssd.json --markdown out/perf_ssd.md --plot out/perf_ssd.png

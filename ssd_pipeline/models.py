@@ -1,0 +1,121 @@
+"""The models the suite knows: SSD300 (the subject: needs the user's checkpoint and COCO) and
+the embedded default (a small SSD trained here, with its synthetic data: runs anywhere).
+
+Each entry says where its config, weights and evaluation data come from and which
+expectations table gates it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .data import CocoDetectionSet
+from .errors import UserError
+from .model import CONFIG_DIR, ModelSpec
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+TINY_CHECKPOINT = FIXTURES / "models" / "ssd_tiny_synthetic.pth"
+# The embedded val split: regenerated bit-identically from this seed (ssd_pipeline.synthetic).
+TINY_VAL = {"split": "val", "num_images": 200, "seed": 4321, "crowd_images": 8,
+            "empty_images": 6}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    config: Path
+    expectations_key: str
+    embedded: bool  # ships its weights and makes its data
+
+    def spec(self, weight: str | os.PathLike[str] | None = None) -> ModelSpec:
+        if self.embedded:
+            return ModelSpec(self.config, Path(weight) if weight else TINY_CHECKPOINT)
+        return ModelSpec(self.config, Path(weight) if weight else None)
+
+    def dataset(self, cache_root: Path, datasets_dir: str | None = None,
+                max_images: int | None = None) -> CocoDetectionSet:
+        """Its evaluation set: ``datasets_dir`` (COCO layout) when given; else the generated
+        one for the embedded model, ``$DATASETS_DIR`` for the others."""
+        if self.embedded and datasets_dir is None:
+            return embedded_val_set(cache_root, max_images)
+        return CocoDetectionSet.from_root(datasets_dir, max_images=max_images)
+
+
+MODELS: dict[str, ModelEntry] = {
+    "ssd300": ModelEntry("ssd300", CONFIG_DIR / "ssd300_coco.py", "accuracy.ssd300_coco", False),
+    "tiny": ModelEntry("tiny", CONFIG_DIR / "ssd_tiny_synthetic.py",
+                       "accuracy.ssd_tiny_synthetic", True),
+}
+
+
+def get_model(name: str) -> ModelEntry:
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def embedded_val_set(cache_root: Path, max_images: int | None = None) -> CocoDetectionSet:
+    """Generate the embedded val split once under the cache (atomic via the store)."""
+    from .cache import ArtifactStore
+    from .synthetic import make_coco_set
+
+    store = ArtifactStore(cache_root)
+    split = TINY_VAL["split"]
+    d = store.get_or_build(
+        "embedded-data", {"generator": TINY_VAL, "source": _generator_hash()},
+        lambda tmp: make_coco_set(tmp, split, TINY_VAL["num_images"], TINY_VAL["seed"],
+                                  crowd_images=TINY_VAL["crowd_images"],
+                                  empty_images=TINY_VAL["empty_images"]))
+    return CocoDetectionSet(d / "annotations" / f"instances_{split}.json",
+                            d / "images" / split, max_images)
+
+
+def _generator_hash() -> str:
+    from .cache import file_sha256
+
+    return file_sha256(Path(__file__).with_name("synthetic.py"))
+
+
+class ModelBundle:
+    """One model's artifacts, config, preprocessing and prepared runners (built lazily, once)."""
+
+    def __init__(self, entry: ModelEntry, spec: ModelSpec, store: Any, simplify_tol: float,
+                 threads: int | None = None) -> None:
+        from .artifacts import ModelArtifacts
+
+        self.entry, self.spec, self.threads = entry, spec, threads
+        self.artifacts = ModelArtifacts(spec, store, simplify_tol)
+        self._runners: dict[tuple[str, str], Any] = {}
+
+    @functools.cached_property
+    def cfg(self) -> Any:
+        from .model import load_config
+
+        return load_config(self.spec.config)
+
+    @functools.cached_property
+    def settings(self) -> Any:
+        from .data import PreprocessSettings
+
+        return PreprocessSettings.from_config(self.cfg)
+
+    def runner(self, backend: str, precision: str = "fp32") -> Any:
+        from .backends import get_backend
+
+        if (backend, precision) not in self._runners:
+            self._runners[backend, precision] = get_backend(backend).prepare(
+                self.artifacts, precision=precision, threads=self.threads)
+        return self._runners[backend, precision]
+
+    def postprocessor(self, cat_ids: list[int] | None = None) -> Any:
+        from .postprocess import Postprocessor
+
+        if cat_ids is None and self.entry.embedded:
+            from .synthetic import DEFAULT_CATEGORIES
+
+            cat_ids = sorted(c for c, _ in DEFAULT_CATEGORIES)
+        return Postprocessor(self.cfg, cat_ids)

@@ -1,0 +1,61 @@
+"""Concurrent runs build each artifact once; repeated runs give identical metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SLOW_BUILD = """
+import sys, time
+from ssd_pipeline.cache import ArtifactStore
+def build(tmp):
+    time.sleep(2)
+    (tmp / "a.txt").write_text("built")
+d = ArtifactStore(sys.argv[1]).get_or_build("shared", {"k": 1}, build)
+print((d / "a.txt").read_text())
+"""
+
+
+def test_two_processes_build_once(tmp_path):
+    procs = [subprocess.Popen([sys.executable, "-c", SLOW_BUILD, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert outs == ["built", "built"]
+    events = [json.loads(ln) for ln in (tmp_path / "events.jsonl").read_text().splitlines()]
+    done = [e for e in events if e["event"] == "build-done"]
+    assert len(done) == 1, events
+    assert len({e["pid"] for e in events}) == 1, "only the builder logs build events"
+
+
+def test_xdist_workers_share_artifacts(tmp_path):
+    """pytest -n 2 on a fresh cache: both workers need the embedded model's ONNX; it is
+    exported once (the other worker waits on the lock and finds it)."""
+    cache = tmp_path / "cache"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-n", "2", "-q", "-p", "no:cacheprovider",
+         "tests/test_parity.py", "-k", "onnx_vs_torch", "--models", "tiny",
+         "--cache-dir", str(cache)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "2 passed" in proc.stdout, proc.stdout[-2000:]
+    events = [json.loads(ln) for ln in (cache / "events.jsonl").read_text().splitlines()]
+    for stage in ("onnx", "onnx-simplified"):
+        done = [e for e in events if e["stage"] == stage and e["event"] == "build-done"]
+        assert len(done) == 1, f"{stage} built {len(done)} times: {events}"
+
+
+def test_accuracy_is_deterministic(bundles, store):
+    from ssd_pipeline.evaluate import accuracy_record
+
+    tiny = bundles("tiny")
+    dataset = tiny.entry.dataset(store.root, max_images=24)
+    runs = [accuracy_record(tiny.runner("onnxruntime"), dataset,
+                            tiny.postprocessor(dataset.cat_ids), tiny.settings, 8,
+                            "determinism")["metrics"] for _ in range(2)]
+    assert runs[0] == runs[1]
