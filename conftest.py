@@ -263,3 +263,18 @@ def sample_batch(sample_set: Any, preprocess_settings: Any) -> Any:
     from ssd_pipeline.data import batches
 
     return next(batches(sample_set.images, len(sample_set), preprocess_settings))
+
+
+@pytest.fixture(scope="session")
+def head_outputs(bundles: Any, sample_batch: Any) -> Any:
+    """``head_outputs(model, backend, precision="fp32")``: raw outputs on the sample batch,
+    computed once per session (the references the parity tests compare against)."""
+    cache: dict[tuple[str, str, str], Any] = {}
+
+    def get(model: str, backend: str, precision: str = "fp32") -> Any:
+        key = (model, backend, precision)
+        if key not in cache:
+            cache[key] = bundles(model).runner(backend, precision).run(sample_batch.array)
+        return cache[key]
+
+    return get

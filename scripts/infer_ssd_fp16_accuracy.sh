@@ -6,17 +6,8 @@
 # precision. The original's FP16 is a GPU precision: on a CPU this script says which precision
 # it uses instead (bf16 where the CPU has avx512_bf16, else fp32) and why.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bs=32; precision=auto
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --bs) bs="$2"; shift 2 ;;
-    --precision) precision="$2"; shift 2 ;;
-    *) echo "error: unknown argument $1 (use --bs N --precision auto|fp16|bf16|fp32)" >&2; exit 2 ;;
-  esac
-done
-# shellcheck source=scripts/_precision.sh
-. scripts/_precision.sh
+# shellcheck source=scripts/_common.sh
+. "$(dirname "$0")/_common.sh"
 : "${DATASETS_DIR:?error: set DATASETS_DIR to the COCO root (annotations/instances_val2017.json, images/val2017/)}"
 : "${WEIGHT:?error: set WEIGHT to ssd300_coco_20210803_015428-d231a06e.pth}"
 exec .venv/bin/python -m pytest tests/test_accuracy.py -m accuracy --require-data \

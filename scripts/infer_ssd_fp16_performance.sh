@@ -5,17 +5,8 @@
 # (pytest -m perf, pytest-benchmark), written to out/perf_ssd.json and out/perf_ssd.md/.png.
 # Speed does not depend on the weights: without WEIGHT it uses the random-init SSD300.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bs=32; precision=auto
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --bs) bs="$2"; shift 2 ;;
-    --precision) precision="$2"; shift 2 ;;
-    *) echo "error: unknown argument $1 (use --bs N --precision auto|fp16|bf16|fp32)" >&2; exit 2 ;;
-  esac
-done
-# shellcheck source=scripts/_precision.sh
-. scripts/_precision.sh
+# shellcheck source=scripts/_common.sh
+. "$(dirname "$0")/_common.sh"
 mkdir -p out
 weight_args=()
 [ -n "${WEIGHT:-}" ] && weight_args=(--weight "$WEIGHT")

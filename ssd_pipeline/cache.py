@@ -9,6 +9,7 @@ match its manifest (a killed build, a disk error) is never used and is rebuilt.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -144,9 +145,14 @@ class ArtifactStore:
                             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
                 os.replace(tmp, final)
-            except BaseException:
+            except BaseException as e:
                 shutil.rmtree(tmp, ignore_errors=True)
                 self._log("build-failed", stage, key)
+                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise UserError(
+                        f"no space left in the cache directory {self.root} while building "
+                        f"{stage}: free some space or point SSD_PIPELINE_CACHE / --cache-dir "
+                        "elsewhere (nothing half-written was kept)") from None
                 raise
             self._log("build-done", stage, key, seconds=manifest["build_s"])
             return final

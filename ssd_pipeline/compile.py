@@ -29,6 +29,7 @@ PIPELINE_VERSION = 1
 ENGINE_FILE = "engine.so"
 META_FILE = "engine.json"
 INPUT_CHW = (3, 300, 300)
+MIN_OPSET = 11  # what the exporter and TVM's ONNX frontend are exercised with (we write 13)
 PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16")}
 OFFLOADS = {"cpu": ("dnnl", "none"), "cuda": ("none",)}
 
@@ -120,10 +121,21 @@ def import_onnx(onnx_path: str | Path, batch: int | None) -> tuple[Any, list[str
         shape = [d.dim_param or d.dim_value for d in dims]
         raise UserError(f"{onnx_path}: input {inputs[0].name!r} has shape {shape}, expected "
                         f"[N, {', '.join(map(str, INPUT_CHW))}]: is it the SSD300 export?")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise UserError(f"{onnx_path}: opset {opset} is outside what this stack imports "
+                        f"({MIN_OPSET}..{newest}); export it with the suite (opset 13)")
     shape_dict = {inputs[0].name: [batch, *INPUT_CHW]} if batch else None
     # keep_params_in_input=False: weights become constants of the module and travel inside
     # the engine, so an engine can never meet a parameter list that does not fit it.
-    mod = from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
+    try:
+        mod = from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
+    except Exception as e:  # the frontend raises many types for graphs it cannot take
+        first = str(e).strip().splitlines()[-1][:200] if str(e).strip() else ""
+        raise UserError(f"TVM cannot import {onnx_path} (opset {opset}): "
+                        f"{type(e).__name__}: {first}; export it with the suite "
+                        f"(opset 13)") from None
     return mod, [o.name for o in model.graph.output]
 
 

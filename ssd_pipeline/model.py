@@ -59,10 +59,26 @@ class ModelSpec:
         """Provenance: goes into cache keys, ONNX metadata and every result record."""
         return {
             "config": self.config.name,
-            "config_sha256": file_sha256(self.config),
+            "config_sha256": config_sha256(self.config),
             "weights": self.weights_label,
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
         }
+
+
+_config_hashes: dict[tuple[str, int], str] = {}
+
+
+def config_sha256(path: Path) -> str:
+    """Hash of the config as mmengine resolves it (its ``_base_`` files included), so a
+    change in an inherited file changes every key built on it."""
+    import hashlib
+    import json
+
+    memo = (str(path.resolve()), path.stat().st_mtime_ns)
+    if memo not in _config_hashes:
+        resolved = json.dumps(load_config(path).to_dict(), sort_keys=True, default=str)
+        _config_hashes[memo] = hashlib.sha256(resolved.encode()).hexdigest()
+    return _config_hashes[memo]
 
 
 def load_config(path: str | Path) -> Any:

@@ -86,3 +86,18 @@ def test_unwritable_cache_dir_is_a_clear_error(tmp_path):
     blocker.write_text("")
     with pytest.raises(UserError, match=r"cache directory .* is not writable"):
         ArtifactStore(blocker / "cache")
+
+
+def test_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path):
+    import errno
+
+    store = ArtifactStore(tmp_path)
+
+    def fills_the_disk(tmp):
+        (tmp / "half.bin").write_bytes(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(UserError, match="no space left in the cache directory"):
+        store.get_or_build("s", {"x": 1}, fills_the_disk)
+    assert store.lookup("s", {"x": 1}) is None
+    assert not [p for p in (tmp_path / "s").iterdir() if not p.name.endswith(".lock")]

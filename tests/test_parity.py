@@ -10,41 +10,28 @@ from tests.helpers import assert_detection_parity, assert_raw_parity
 pytestmark = pytest.mark.parity
 
 
-@pytest.fixture(scope="session")
-def torch_outputs(bundles, sample_batch):
-    """``torch_outputs(model)``: the reference head outputs on the sample batch."""
-    cache: dict = {}
-
-    def get(model: str):
-        if model not in cache:
-            cache[model] = bundles(model).runner("torch").run(sample_batch.array)
-        return cache[model]
-
-    return get
-
-
-def test_onnx_vs_torch_raw_outputs(model_name, bundles, sample_batch, torch_outputs,
+def test_onnx_vs_torch_raw_outputs(model_name, bundles, sample_batch, head_outputs,
                                    expectations, record_property):
     ort = bundles(model_name).runner("onnxruntime")
-    assert_raw_parity(ort.run(sample_batch.array), torch_outputs(model_name), ort.output_names,
-                      expectations.number("parity.fp32.raw_rel_err_max"),
+    assert_raw_parity(ort.run(sample_batch.array), head_outputs(model_name, "torch"),
+                      ort.output_names, expectations.number("parity.fp32.raw_rel_err_max"),
                       expectations.source("parity.fp32.raw_rel_err_max"), record_property)
 
 
-def test_onnx_vs_torch_detections(model_name, bundles, sample_batch, torch_outputs,
+def test_onnx_vs_torch_detections(model_name, bundles, sample_batch, head_outputs,
                                   expectations, record_property):
     b = bundles(model_name)
     postprocessor = b.postprocessor()
     got = postprocessor(b.runner("onnxruntime").run(sample_batch.array), sample_batch.metas)
-    ref = postprocessor(torch_outputs(model_name), sample_batch.metas)
+    ref = postprocessor(head_outputs(model_name, "torch"), sample_batch.metas)
     assert_detection_parity(got, ref, expectations.number("parity.fp32.det_iou_min"),
                             expectations.number("parity.fp32.det_score_atol"),
                             postprocessor.score_thr, record_property)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_onnx_dynamic_batch(runners, sample_batch, torch_outputs, batch, expectations):
-    torch_outputs = torch_outputs("ssd300")
+def test_onnx_dynamic_batch(runners, sample_batch, head_outputs, batch, expectations):
+    torch_outputs = head_outputs("ssd300", "torch")
     """The exported graph's batch axis is dynamic: any batch gives the same per-image rows."""
     import numpy as np
 

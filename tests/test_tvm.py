@@ -23,30 +23,17 @@ def tolerance_table(precision: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def model_ort_outputs(bundles, sample_batch):
-    """``model_ort_outputs(model)``: ONNX Runtime's head outputs on the sample batch."""
-    cache: dict = {}
-
-    def get(model: str):
-        if model not in cache:
-            cache[model] = bundles(model).runner("onnxruntime").run(sample_batch.array)
-        return cache[model]
-
-    return get
-
-
-@pytest.fixture(scope="session")
-def ort_outputs(model_ort_outputs):
-    return model_ort_outputs("ssd300")
+def ort_outputs(head_outputs):
+    return head_outputs("ssd300", "onnxruntime")
 
 
 @pytest.mark.parity
 @pytest.mark.parametrize("precision", tvm_precisions())
 def test_tvm_vs_onnx_raw_outputs(model_name, precision, bundles, sample_batch,
-                                 model_ort_outputs, expectations, record_property):
+                                 head_outputs, expectations, record_property):
     tvm = bundles(model_name).runner("tvm", precision)
     key = f"{tolerance_table(precision)}.raw_rel_err_max"
-    assert_raw_parity(tvm.run(sample_batch.array), model_ort_outputs(model_name),
+    assert_raw_parity(tvm.run(sample_batch.array), head_outputs(model_name, "onnxruntime"),
                       tvm.output_names, expectations.number(key), expectations.source(key),
                       record_property)
 
@@ -54,12 +41,12 @@ def test_tvm_vs_onnx_raw_outputs(model_name, precision, bundles, sample_batch,
 @pytest.mark.parity
 @pytest.mark.parametrize("precision", tvm_precisions())
 def test_tvm_vs_onnx_detections(model_name, precision, bundles, sample_batch,
-                                model_ort_outputs, expectations, record_property):
+                                head_outputs, expectations, record_property):
     table = tolerance_table(precision)
     b = bundles(model_name)
     postprocessor = b.postprocessor()
     got = postprocessor(b.runner("tvm", precision).run(sample_batch.array), sample_batch.metas)
-    ref = postprocessor(model_ort_outputs(model_name), sample_batch.metas)
+    ref = postprocessor(head_outputs(model_name, "onnxruntime"), sample_batch.metas)
     assert_detection_parity(got, ref, expectations.number(f"{table}.det_iou_min"),
                             expectations.number(f"{table}.det_score_atol"),
                             postprocessor.score_thr, record_property,
@@ -134,16 +121,27 @@ def test_corrupt_onnx_is_refused(tmp_path):
         build_engine(bad, EngineSpec(offload="none"), tmp_path)
 
 
-def test_onnx_of_another_input_shape_is_refused(tmp_path):
+def relu_onnx(path, shape, opset):
     import onnx
     from onnx import TensorProto, helper
 
-    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 224, 224])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 224, 224])
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)
     graph = helper.make_graph([helper.make_node("Relu", ["input"], ["y"])], "g", [x], [y])
-    path = tmp_path / "other.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), path)
+    return path
+
+
+def test_onnx_of_another_input_shape_is_refused(tmp_path):
+    path = relu_onnx(tmp_path / "other.onnx", [1, 3, 224, 224], 13)
     with pytest.raises(UserError, match=r"shape \[1, 3, 224, 224\], expected \[N, 3, 300, 300\]"):
+        build_engine(path, EngineSpec(offload="none"), tmp_path)
+
+
+@pytest.mark.parametrize("opset", [7, 99])
+def test_onnx_of_an_unsupported_opset_is_refused(tmp_path, opset):
+    path = relu_onnx(tmp_path / "old.onnx", ["N", 3, 300, 300], opset)
+    with pytest.raises(UserError, match=f"opset {opset} is outside"):
         build_engine(path, EngineSpec(offload="none"), tmp_path)
 
 
