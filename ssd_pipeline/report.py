@@ -62,12 +62,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     series: dict[tuple, list] = {}
     for r in rows:
         series.setdefault((r["run"], r["backend"], r["precision"], r["mode"]), []).append(r)
+    # one colour per run/backend/precision: solid engine-only, dashed end-to-end
+    colours = {k: f"C{i}" for i, k in enumerate(sorted({s[:3] for s in series}))}
+    several_runs = len({k[0] for k in series}) > 1
     for (run, backend, precision, mode), pts in sorted(series.items()):
         pts.sort(key=lambda r: int(r["batch"]))
-        label = f"{backend}/{precision} {mode}" + (f" [{run}]" if len({k[0] for k in series})
-                                                   > 1 else "")
+        label = f"{backend}/{precision} {mode}" + (f" [{run}]" if several_runs else "")
         ax1.plot([int(p["batch"]) for p in pts], [p["images_per_s"] for p in pts],
-                 "-o" if mode == "engine-only" else "--x", label=label)
+                 "-o" if mode == "engine-only" else "--x", label=label,
+                 color=colours[run, backend, precision])
     ax1.set_xscale("log", base=2)
     ax1.set_xlabel("batch size")
     ax1.set_ylabel("images / s")

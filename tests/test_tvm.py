@@ -44,6 +44,10 @@ def test_tvm_vs_onnx_detections(model_name, precision, bundles, sample_batch,
                                 head_outputs, expectations, record_property):
     table = tolerance_table(precision)
     b = bundles(model_name)
+    if precision != "fp32" and b.spec.checkpoint is None:
+        pytest.skip("random-init weights saturate the class scores (hundreds of near-ties at "
+                    "~0.99): which boxes survive NMS is decided below bf16's precision; the "
+                    "raw-output parity runs, and the trained models check detections")
     postprocessor = b.postprocessor()
     got = postprocessor(b.runner("tvm", precision).run(sample_batch.array), sample_batch.metas)
     ref = postprocessor(head_outputs(model_name, "onnxruntime"), sample_batch.metas)
