@@ -11,7 +11,7 @@ import pytest
 
 from ssd_pipeline.errors import UserError
 
-ALL_BACKENDS = "torch,onnxruntime,tvm"
+ALL_BACKENDS = "torch,onnxruntime,tvm,openvino"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -53,7 +53,7 @@ def _versions() -> str:
 
     out = []
     for p in ("torch", "mmdet", "mmcv", "onnx", "onnxsim", "onnxruntime", "apache-tvm",
-              "pycocotools"):
+              "openvino", "pycocotools"):
         try:
             out.append(f"{p} {version(p)}")
         except PackageNotFoundError:

@@ -24,6 +24,6 @@ if ! python -c "import mmcv, mmcv.ops" >/dev/null 2>&1; then
   MMCV_WITH_OPS=1 MAX_JOBS="$(nproc)" pip_q --no-build-isolation -c constraints.txt mmcv
 fi
 
-pip_q -c constraints.txt -e '.[tvm,test]'
-python -c "import mmcv.ops, mmdet, onnxruntime, tvm; print('[install] ok: mmcv', mmcv.__version__, '| mmdet', mmdet.__version__, '| onnxruntime', onnxruntime.__version__, '| tvm', tvm.__version__)"
+pip_q -c constraints.txt -e '.[tvm,peers,test]'
+python -c "import mmcv.ops, mmdet, onnxruntime, openvino, tvm; print('[install] ok: mmcv', mmcv.__version__, '| mmdet', mmdet.__version__, '| onnxruntime', onnxruntime.__version__, '| openvino', openvino.__version__, '| tvm', tvm.__version__)"
 echo "[install] done in $(( $(date +%s) - t0 )) s: activate with '. .venv/bin/activate'"

@@ -168,7 +168,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     print(json.dumps({"backends": names(), "threads": default_threads(),
                       "versions": versions("torch", "mmdet", "mmcv", "onnx", "onnxruntime",
-                                           "apache-tvm")}, indent=1))
+                                           "apache-tvm", "openvino")}, indent=1))
     return 0
 
 
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("evaluate", help="COCO accuracy per backend")
     _common(v)
-    v.add_argument("--backends", default="torch,onnxruntime")
+    v.add_argument("--backends", default="torch,onnxruntime,tvm,openvino")
     v.add_argument("--precision", default="fp32")
     v.add_argument("--datasets-dir", default=None,
                    help="COCO root for ssd300 (default $DATASETS_DIR); tiny uses its own set")
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     j = sub.add_parser("run", help="the main job: every stage, every backend, one report")
     _common(j, default_model="tiny")
-    j.add_argument("--backends", default="torch,onnxruntime,tvm")
+    j.add_argument("--backends", default="torch,onnxruntime,tvm,openvino")
     j.add_argument("--datasets-dir", default=None,
                    help="COCO root for --model ssd300 (default $DATASETS_DIR)")
     j.add_argument("--max-images", type=int, default=None)

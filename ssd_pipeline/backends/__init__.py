@@ -11,6 +11,7 @@ _REGISTRY: dict[str, str] = {
     "torch": "ssd_pipeline.backends.torch_backend:TorchBackend",
     "onnxruntime": "ssd_pipeline.backends.ort_backend:OnnxRuntimeBackend",
     "tvm": "ssd_pipeline.backends.tvm_backend:TvmBackend",
+    "openvino": "ssd_pipeline.backends.openvino_backend:OpenVinoBackend",
 }
 
 
@@ -23,7 +24,11 @@ def get_backend(name: str) -> Backend:
     if name not in _REGISTRY:
         raise UserError(f"unknown backend {name!r}; known: {', '.join(_REGISTRY)}")
     module, _, cls = _REGISTRY[name].partition(":")
-    return getattr(importlib.import_module(module), cls)()
+    try:
+        return getattr(importlib.import_module(module), cls)()
+    except ModuleNotFoundError as e:
+        raise UserError(f"backend {name!r} needs the Python package {e.name!r}, which is not "
+                        "installed: run scripts/install.sh (it installs every backend)") from None
 
 
 __all__ = ["Backend", "Runner", "default_threads", "get_backend", "names"]
