@@ -82,19 +82,26 @@ class ModelArtifacts:
         """The onnxsim-simplified ONNX file: what ONNX Runtime and TVM consume."""
         return self.simplified_dir / ONNX_FILE
 
+    def engine_dir(self, spec: Any) -> Path:
+        """The compiled TVM engine's directory for ``spec``, built once per content key."""
+        from .compile import build_engine
+        from .kernels import build_shim
+
+        shim = build_shim(self.store) if spec.offload == "dnnl" else None
+        onnx_path = self.simplified_onnx_path
+        inputs = {"onnx_sha256": file_sha256(onnx_path), "engine": spec.key(),
+                  "shim_sha256": file_sha256(shim) if shim else None}
+        return self.store.get_or_build(
+            "tvm-engine", inputs, lambda tmp: build_engine(onnx_path, spec, tmp, shim))
+
     def tvm_engine(self, spec: Any) -> Any:
-        """The compiled TVM engine for ``spec``, built once per content key, loaded."""
-        from .compile import build_engine, load_engine
+        """The TVM engine for ``spec``, built once per content key and loaded."""
+        from .compile import load_engine
         from .kernels import build_shim
 
         if spec not in self._engines:
             shim = build_shim(self.store) if spec.offload == "dnnl" else None
-            onnx_path = self.simplified_onnx_path
-            inputs = {"onnx_sha256": file_sha256(onnx_path), "engine": spec.key(),
-                      "shim_sha256": file_sha256(shim) if shim else None}
-            d = self.store.get_or_build(
-                "tvm-engine", inputs, lambda tmp: build_engine(onnx_path, spec, tmp, shim))
-            self._engines[spec] = load_engine(d, spec, shim)
+            self._engines[spec] = load_engine(self.engine_dir(spec), spec, shim)
         return self._engines[spec]
 
     def build_info(self) -> dict[str, Any]:

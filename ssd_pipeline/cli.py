@@ -107,15 +107,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                       offload=args.offload, cuda_arch=args.cuda_arch)
     arts = make_bundle(args).artifacts
     if spec.target == "cuda":
-        # CUDA engines are built (not loaded) here: the wheel's runtime cannot run them
-        from .cache import file_sha256
-        from .compile import build_engine
-
-        onnx_path = arts.simplified_onnx_path
-        d = arts.store.get_or_build(
-            "tvm-engine", {"onnx_sha256": file_sha256(onnx_path), "engine": spec.key(),
-                           "shim_sha256": None},
-            lambda tmp: build_engine(onnx_path, spec, tmp))
+        # built, not loaded: this TVM runtime cannot run CUDA engines
+        d = arts.engine_dir(spec)
         record = json.loads((d / "engine.json").read_text())
     else:
         engine = arts.tvm_engine(spec)
