@@ -41,6 +41,8 @@ def run_job(bundle: ModelBundle, names: list[str], datasets_dir: str | None,
     if arts.spec.checkpoint is None:
         say("      no --weight: seeded random weights. Accuracy below shows that every stage "
             "runs and agrees, not that the model detects anything.")
+    # the dataset first: a missing one is reported before anything is exported or compiled
+    dataset = bundle.entry.dataset(arts.store.root, datasets_dir, max_images)
     t = time.perf_counter()
     info = arts.build_info()
     ex, si = info["export"], info["simplify"]
@@ -48,8 +50,6 @@ def run_job(bundle: ModelBundle, names: list[str], datasets_dir: str | None,
         f" s); onnxsim: {si['nodes_before']} -> {si['nodes_after']} nodes, checked to "
         f"{si['max_rel_err']:.1e} ({time.perf_counter() - t:.1f} s incl. cache)")
     say("[3/6] preparing backends (TVM engines compile once, then come from the cache)")
-    # the dataset first: a missing one is reported before anything is compiled
-    dataset = bundle.entry.dataset(arts.store.root, datasets_dir, max_images)
     runners = {}
     for name, precision in cases(names):
         t = time.perf_counter()
