@@ -26,6 +26,13 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+def cpu_precisions() -> tuple[str, ...]:
+    """fp32, plus bf16 where the CPU has avx512_bf16 (what bf16 kernels need to be fast)."""
+    from ..compile import cpu_flags
+
+    return ("fp32", "bf16") if "avx512_bf16" in cpu_flags() else ("fp32",)
+
+
 class Runner(ABC):
     """A prepared model on one backend."""
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..cache import file_sha256
-from .base import Backend, Runner, check_batch, default_threads
+from .base import Backend, Runner, check_batch, cpu_precisions, default_threads
 
 
 class OpenVinoRunner(Runner):
@@ -39,9 +39,7 @@ class OpenVinoBackend(Backend):
 
     @property
     def precisions(self) -> tuple[str, ...]:  # type: ignore[override]
-        from ..compile import cpu_flags
-
-        return ("fp32", "bf16") if "avx512_bf16" in cpu_flags() else ("fp32",)
+        return cpu_precisions()
 
     def prepare(self, artifacts: Any, *, precision: str = "fp32", threads: int | None = None,
                 batch_size: int | None = None) -> Runner:
