@@ -80,3 +80,19 @@ def test_require_data_turns_skip_into_failure(tmp_path):
                             text=True, timeout=300)
     assert failed.returncode == 1, failed.stdout[-2000:]
     assert "--require-data: no COCO val2017" in failed.stdout
+
+
+def test_perf_floor_fails_above_and_passes_below(tmp_path):
+    """A speed floor is a gate too: "got X img/s, expected >= Y" and exit 1 when missed."""
+    base = [sys.executable, "-m", "pytest", "tests/test_perf.py", "-q", "-p", "no:cacheprovider",
+            "-k", "engine_only and tvm-fp32", "--backends", "onnxruntime,tvm",
+            "--perf-batches", "1", "--perf-seconds", "0.3"]
+    env = os.environ | {"PYTHONWARNINGS": "ignore"}
+    ok = subprocess.run([*base, "--expect", "perf.cpu.tvm_fp32_min_ratio=0.01"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600, env=env)
+    assert ok.returncode == 0, ok.stdout[-3000:]
+    bad = subprocess.run([*base, "--expect", "perf.cpu.tvm_fp32_min_ratio=100"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert bad.returncode == 1, bad.stdout[-3000:]
+    assert "tvm/fp32 engine-only batch 1 img/s: got" in bad.stdout
+    assert "expected >=" in bad.stdout and "100.0 x onnxruntime" in bad.stdout, bad.stdout[-2000:]
