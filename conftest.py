@@ -9,9 +9,12 @@ from typing import Any
 
 import pytest
 
-from ssd_pipeline.errors import UserError
+from ssd_pipeline.core.errors import UserError
 
-ALL_BACKENDS = "torch,onnxruntime,tvm,openvino"
+# What the session shares through ``config.stash`` (not private attributes on config).
+EXPECTATIONS = pytest.StashKey[Any]()
+ACCURACY_RECORDS = pytest.StashKey[list]()
+ACCURACY_PATH = pytest.StashKey[Path]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -19,6 +22,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--weight", default=os.environ.get("SSD300_WEIGHT"),
                 help="SSD300 checkpoint (ssd300_coco_20210803_015428-d231a06e.pth); default "
                      "$SSD300_WEIGHT. Without it: seeded random-init weights (accuracy skips)")
+    g.addoption("--trust-checkpoint", action="store_true",
+                help="unpickle --weight fully (it can run code) instead of torch's weights-only "
+                     "load; only for files you trust. Recorded in every record")
     g.addoption("--cfg", default=None, help="mmdet config (default: the packaged SSD300 one)")
     g.addoption("--datasets-dir", default=os.environ.get("DATASETS_DIR"),
                 help="COCO root with annotations/instances_val2017.json (default $DATASETS_DIR)")
@@ -26,7 +32,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--models", default="ssd300,tiny",
                 help="models the accuracy and parity tests cover (default ssd300,tiny: tiny is "
                      "the embedded trained model and runs anywhere)")
-    g.addoption("--backends", default=ALL_BACKENDS, help=f"comma list (default {ALL_BACKENDS})")
+    g.addoption("--backends", default=None,
+                help="comma list of backends (default: every registered one)")
+    g.addoption("--precisions", default=None,
+                help="comma list of precisions (default: every one each backend offers; one "
+                     "this CPU lacks is reported as a skip with the reason)")
     g.addoption("--batch-size", type=int, default=32, help="accuracy batch size (original: 32)")
     g.addoption("--threads", type=int, default=None, help="threads per backend (default: nproc)")
     g.addoption("--cache-dir", default=None,
@@ -48,29 +58,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="fail (not skip) tests whose data or checkpoint is missing: for CI gating")
 
 
-def _versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = []
-    for p in ("torch", "mmdet", "mmcv", "onnx", "onnxsim", "onnxruntime", "apache-tvm",
-              "openvino", "pycocotools"):
-        try:
-            out.append(f"{p} {version(p)}")
-        except PackageNotFoundError:
-            out.append(f"{p} (not installed)")
-    return ", ".join(out)
-
-
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    from ssd_pipeline.backends import default_threads
-    from ssd_pipeline.cache import default_cache_dir
+    from ssd_pipeline.core.cache import default_cache_dir
+    from ssd_pipeline.core.host import STACK, default_threads, versions
 
     opt = config.option
+    stack = ", ".join(f"{k} {v}" for k, v in versions(*STACK).items())
     return [
-        f"ssd_pipeline: {_versions()}",
-        f"ssd_pipeline: backends={opt.backends} threads={opt.threads or default_threads()} "
+        f"ssd_pipeline: {stack}",
+        f"ssd_pipeline: backends={','.join(selected_backends(config))} "
+        f"precisions={opt.precisions or 'all'} threads={opt.threads or default_threads()} "
         f"cache={opt.cache_dir or default_cache_dir()}",
         f"ssd_pipeline: weights={opt.weight or 'random-init (no --weight)'} "
+        f"checkpoint_load={'trusted' if opt.trust_checkpoint else 'weights_only'} "
         f"datasets_dir={opt.datasets_dir or '(unset)'} require_data={opt.require_data}",
         *(f"ssd_pipeline: override {e}" for e in opt.expect),
     ]
@@ -82,36 +82,54 @@ def pytest_configure(config: pytest.Config) -> None:
                                               if config.option.threads is not None else [])
         if any(v <= 0 for v in sizes):
             raise UserError("--batch-size and --threads must be positive")
-        from ssd_pipeline.expectations import Expectations
+        from ssd_pipeline.core.expectations import Expectations
 
-        config._ssd_expectations = Expectations.load(config.option.expectations,
-                                                     config.option.expect)
+
+        config.stash[EXPECTATIONS] = Expectations.load(config.option.expectations,
+                                                       config.option.expect)
+        selected_backends(config)
     except UserError as e:
         raise pytest.UsageError(str(e)) from None
 
 
 def selected_backends(config: pytest.Config) -> list[str]:
-    from ssd_pipeline.backends import names
+    """--backends checked against the registry (the only list of backends)."""
+    from ssd_pipeline.backends import select
 
-    chosen = [b.strip() for b in config.option.backends.split(",") if b.strip()]
-    unknown = [b for b in chosen if b not in names()]
-    if unknown:
-        raise pytest.UsageError(f"--backends: unknown {unknown}; known: {', '.join(names())}")
-    return chosen
+    try:
+        return select(config.option.backends)
+    except UserError as e:
+        raise pytest.UsageError(str(e)) from None
 
 
-def backend_precisions(name: str) -> tuple[str, ...]:
-    from ssd_pipeline.backends import get_backend
+def precision_cases(config: pytest.Config, names: list[str]) -> list[Any]:
+    """(backend, precision) params: every precision each backend offers, narrowed by
+    --precisions; one this CPU cannot run is a skip that says why, never a vanished case."""
+    from ssd_pipeline.backends import cases, get_backend
 
-    return get_backend(name).precisions
+    try:
+        pairs = cases(names, config.option.precisions, available_only=False)
+    except UserError as e:
+        raise pytest.UsageError(str(e)) from None
+    params = []
+    for name, precision in pairs:
+        why = get_backend(name).unavailable(precision)
+        marks = [pytest.mark.skip(reason=f"{name}/{precision}: {why}")] if why else []
+        params.append(pytest.param(name, precision, marks=marks, id=f"{name}-{precision}"))
+    return params
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    # ``backend_name`` runs once per selected backend; ``compared_backend`` once per selected
-    # backend but torch (the reference it is compared with); with ``precision``, once per
-    # precision that backend offers.
+    """The one place that turns --models, --backends and --precisions into test cases.
+
+    ``backend_name`` runs once per selected backend; ``compared_backend`` once per selected
+    backend but torch (the reference it is compared with); with ``precision``, once per
+    precision that backend offers. A test about one backend says so with
+    ``@pytest.mark.backend("tvm")``: its ``precision`` runs over that backend's precisions,
+    and it is deselected when the backend is not selected (pytest_collection_modifyitems).
+    """
     if "model_name" in metafunc.fixturenames:
-        from ssd_pipeline.models import MODELS
+        from ssd_pipeline.suite.models import MODELS
 
         chosen = [m.strip() for m in metafunc.config.option.models.split(",") if m.strip()]
         unknown = [m for m in chosen if m not in MODELS]
@@ -130,40 +148,51 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                 raise pytest.UsageError(f"--{option.replace('_', '-')}: batch sizes must be "
                                         "positive")
             metafunc.parametrize(arg, sizes, ids=[f"bs{b}" for b in sizes])
+    selected = selected_backends(metafunc.config)
     for arg, skip in (("backend_name", ()), ("compared_backend", ("torch",))):
         if arg not in metafunc.fixturenames:
             continue
-        names = [n for n in selected_backends(metafunc.config) if n not in skip]
+        names = [n for n in selected if n not in skip]
         if "precision" in metafunc.fixturenames:
-            cases = [(n, p) for n in names for p in backend_precisions(n)]
-            metafunc.parametrize((arg, "precision"), cases, ids=[f"{n}-{p}" for n, p in cases])
+            metafunc.parametrize((arg, "precision"), precision_cases(metafunc.config, names))
         else:
             metafunc.parametrize(arg, names)
+        return
+    marker = metafunc.definition.get_closest_marker("backend")
+    if marker and "precision" in metafunc.fixturenames:
+        params = precision_cases(metafunc.config, [marker.args[0]])
+        metafunc.parametrize("precision", [pytest.param(*p.values[1:], marks=p.marks, id=p.id)
+                                           for p in params])
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the tests about a backend that --backends left out."""
+    selected = set(selected_backends(config))
+    keep, drop = [], []
+    for item in items:
+        needs = {m.args[0] for m in item.iter_markers("backend")}
+        (keep if needs <= selected else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     """CPU model, flags that matter, TVM target, thread count and library versions."""
-    from ssd_pipeline.backends import default_threads
-    from ssd_pipeline.compile import cpu_flags, host_cpu
+    from ssd_pipeline.core.host import machine_info as host_info
 
-    model = next((ln.split(":", 1)[1].strip() for ln in
-                  Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")),
-                 "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
-    machine_info["ssd_pipeline"] = {
-        "cpu_model": model, "llvm_cpu": host_cpu(), "threads": default_threads(),
-        "avx512_bf16": "avx512_bf16" in cpu_flags(), "amx_bf16": "amx_bf16" in cpu_flags(),
-        "versions": _versions()}
+    machine_info["ssd_pipeline"] = host_info()
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config
                             ) -> None:
-    records = getattr(config, "_ssd_accuracy_records", None)
+    records = config.stash.get(ACCURACY_RECORDS, None)
     if records:
-        from ssd_pipeline.evaluate import format_table
+        from ssd_pipeline.suite.evaluate import format_table
 
         terminalreporter.section("ssd_pipeline accuracy")
         terminalreporter.write_line(format_table(records))
-        terminalreporter.write_line(f"records: {config._ssd_accuracy_path}")
+        terminalreporter.write_line(f"records: {config.stash[ACCURACY_PATH]}")
 
 
 def missing_data(config: pytest.Config, reason: str) -> None:
@@ -178,37 +207,38 @@ def missing_data(config: pytest.Config, reason: str) -> None:
 
 @pytest.fixture(scope="session")
 def expectations(pytestconfig: pytest.Config) -> Any:
-    return pytestconfig._ssd_expectations
+    return pytestconfig.stash[EXPECTATIONS]
 
 
 @pytest.fixture(scope="session")
 def store(pytestconfig: pytest.Config) -> Any:
-    from ssd_pipeline.cache import ArtifactStore
+    from ssd_pipeline.core.cache import ArtifactStore
 
-    return ArtifactStore(pytestconfig.option.cache_dir)
+    try:
+        return ArtifactStore(pytestconfig.option.cache_dir)
+    except UserError as e:
+        pytest.exit(f"error: {e}", returncode=4)
 
 
 @pytest.fixture(scope="session")
 def bundles(pytestconfig: pytest.Config, store: Any, expectations: Any) -> Any:
     """``bundles(name)``: a :class:`ModelBundle` (artifacts, config, runners), built once.
     ``ssd300`` takes --cfg/--weight; ``tiny`` is the embedded model with its own weights."""
-    from ssd_pipeline.model import ModelSpec
-    from ssd_pipeline.models import ModelBundle, get_model
+    from ssd_pipeline.suite.models import MODELS, resolve_bundle
 
     opt = pytestconfig.option
     cache: dict[str, Any] = {}
 
     def get(name: str) -> Any:
         if name not in cache:
-            entry = get_model(name)
+            own = MODELS[name].embedded  # the embedded model brings its own config and weights
             try:
-                spec = entry.spec(opt.weight if name == "ssd300" else None)
-                if name == "ssd300" and opt.cfg:
-                    spec = ModelSpec(Path(opt.cfg), spec.checkpoint)
+                cache[name] = resolve_bundle(
+                    name, expectations, store, weight=None if own else opt.weight,
+                    cfg=None if own else opt.cfg, trust_checkpoint=opt.trust_checkpoint,
+                    threads=opt.threads)
             except UserError as e:
                 pytest.exit(f"error: {e}", returncode=4)
-            cache[name] = ModelBundle(entry, spec, store,
-                                      expectations.number("simplify.rel_err_max"), opt.threads)
         return cache[name]
 
     return get

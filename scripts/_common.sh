@@ -1,5 +1,7 @@
-# Sourced by the seed-compatible scripts: parse "--bs N --precision P" and resolve the
-# precision for the TVM engine on this host. fp16 is the original's GPU precision; this TVM
+# Sourced by the seed-compatible scripts: parse "--bs N --precision P", resolve the
+# precision for the TVM engine on this host, and TRUST_CHECKPOINT=1 -> --trust-checkpoint
+# (a full unpickle of $WEIGHT, which can run code: only for a file you trust).
+# fp16 is the original's GPU precision; this TVM
 # build runs CPU engines only (CUDA engines compile but need a CUDA runtime), so on a CPU:
 # bf16 where avx512_bf16 exists, else fp32 — and the script says so.
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -21,3 +23,5 @@ case "$precision" in
   bf16|fp32) ;;
   *) echo "error: unknown precision $precision (auto, fp16, bf16 or fp32)" >&2; exit 2 ;;
 esac
+trust_args=()
+[ "${TRUST_CHECKPOINT:-0}" = 1 ] && trust_args=(--trust-checkpoint)

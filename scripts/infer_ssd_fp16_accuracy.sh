@@ -12,4 +12,4 @@ set -euo pipefail
 : "${WEIGHT:?error: set WEIGHT to ssd300_coco_20210803_015428-d231a06e.pth}"
 exec .venv/bin/python -m pytest tests/test_accuracy.py -m accuracy --require-data \
   --models ssd300 --backends tvm,torch -k "$precision or torch" --batch-size "$bs" \
-  --datasets-dir "$DATASETS_DIR" --weight "$WEIGHT"
+  --datasets-dir "$DATASETS_DIR" --weight "$WEIGHT" "${trust_args[@]}"

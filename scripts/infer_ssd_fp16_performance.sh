@@ -11,5 +11,5 @@ mkdir -p out
 weight_args=()
 [ -n "${WEIGHT:-}" ] && weight_args=(--weight "$WEIGHT")
 .venv/bin/python -m pytest tests/test_perf.py -m perf -k "engine_only and (onnxruntime or $precision)" \
-  --backends onnxruntime,tvm --perf-batches "$bs" --benchmark-json out/perf_ssd.json "${weight_args[@]}"
+  --backends onnxruntime,tvm --perf-batches "$bs" --benchmark-json out/perf_ssd.json "${weight_args[@]}" "${trust_args[@]}"
 .venv/bin/ssd-pipeline report out/perf_ssd.json --markdown out/perf_ssd.md --plot out/perf_ssd.png

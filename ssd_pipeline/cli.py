@@ -1,5 +1,8 @@
-"""``ssd-pipeline``: export | compile | evaluate | bench | report | run | info.
+"""``ssd-pipeline``: export | compile | evaluate | bench | report | run | roofline | info, and the
+seed-compatible ``python -m ssd_pipeline.export``.
 
+Every entry point of the package is here (the top layer); each command resolves its model
+through :func:`ssd_pipeline.suite.models.resolve_bundle`, as the test suite does.
 Bad input ends with one line ``error: ...`` and exit code 2, never a traceback.
 """
 
@@ -11,9 +14,22 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from .errors import UserError
+from . import backends
+from .artifacts.export import OPSET, export_onnx
+from .artifacts.simplify import simplify_onnx
+from .core.cache import ArtifactStore
+from .core.errors import UserError
+from .core.expectations import Expectations
+from .core.host import STACK, default_threads, versions
+from .core.timing import matmul_roofline
+from .engine.compile import EngineSpec, cached_engine, cached_engine_dir
+from .model import DEFAULT_CONFIG, ModelSpec
+from .suite.bench import REFERENCE, BenchSettings, first_batch, speed_log_for, write_records
+from .suite.evaluate import accuracy_record, format_table
+from .suite.job import run_job
+from .suite.models import MODELS, ModelBundle, resolve_bundle
+from .suite.report import update_readme, write_report
 
 
 def run_main(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -28,10 +44,19 @@ def run_main(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
         return 130
 
 
-def _common(p: argparse.ArgumentParser, default_model: str = "ssd300") -> None:
-    from .export import add_model_args
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--weight, --cfg, --trust-checkpoint: the seed's export flags, shared by every command."""
+    p.add_argument("--weight", type=Path, default=None,
+                   help="checkpoint (.pth); omitted: seeded random init, labelled as such")
+    p.add_argument("--cfg", type=Path, default=None,
+                   help=f"mmdet config file (default {DEFAULT_CONFIG.name})")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle the checkpoint fully (it can run code) instead of torch's "
+                        "weights-only load; only for files you trust. Recorded in every record")
 
-    p.add_argument("--model", default=default_model,
+
+def _common(p: argparse.ArgumentParser, default_model: str = "ssd300") -> None:
+    p.add_argument("--model", default=default_model, choices=list(MODELS),
                    help=f"ssd300 (needs --weight for real weights) or tiny (the embedded "
                         f"trained model); default {default_model}")
     add_model_args(p)
@@ -44,33 +69,51 @@ def _common(p: argparse.ArgumentParser, default_model: str = "ssd300") -> None:
                    help="override one expectation, e.g. accuracy.ssd300_coco.map_50_min=0.44")
 
 
-def make_bundle(args: argparse.Namespace) -> Any:
-    """The model the command works on: --model's entry, with --cfg/--weight overrides."""
-    from .cache import ArtifactStore
-    from .expectations import Expectations
-    from .model import ModelSpec
-    from .models import ModelBundle, get_model
+def _selection(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backends", default=None,
+                   help=f"comma list (default: every registered one: {','.join(backends.names())})")
+    p.add_argument("--precisions", "--precision", dest="precisions", default=None,
+                   help="comma list (default: every precision each backend offers on this CPU)")
 
-    exp = Expectations.load(args.expectations, args.expect)
-    entry = get_model(args.model)
-    spec = entry.spec(args.weight)
-    if args.cfg:
-        spec = ModelSpec(args.cfg, spec.checkpoint)
-    return ModelBundle(entry, spec, ArtifactStore(args.cache_dir),
-                       exp.number("simplify.rel_err_max"), args.threads)
+
+def _positive(value: int | None, flag: str) -> None:
+    if value is not None and value <= 0:
+        raise UserError(f"{flag} must be positive, got {value}")
+
+
+def _batches(raw: str, flag: str) -> list[int]:
+    try:
+        sizes = [int(b) for b in raw.split(",") if b]
+    except ValueError:
+        raise UserError(f"{flag}: expected comma-separated integers, got {raw!r}") from None
+    if not sizes or min(sizes) <= 0:
+        raise UserError(f"{flag}: batch sizes must be positive, got {raw!r}")
+    return sizes
+
+
+def make_bundle(args: argparse.Namespace) -> ModelBundle:
+    """The model the command works on: --model's entry, with --cfg/--weight in its place."""
+    _positive(args.threads, "--threads")
+    return resolve_bundle(args.model, Expectations.load(args.expectations, args.expect),
+                          ArtifactStore(args.cache_dir), weight=args.weight, cfg=args.cfg,
+                          trust_checkpoint=args.trust_checkpoint, threads=args.threads)
+
+
+def _cases(args: argparse.Namespace) -> list[tuple[str, str]]:
+    chosen = backends.select(args.backends)
+    cases = backends.cases(chosen, args.precisions)
+    if not cases:
+        raise UserError(f"none of backends {', '.join(chosen)} runs precision(s) "
+                        f"{args.precisions} on this CPU")
+    return sorted(cases, key=lambda c: c != REFERENCE)  # the reference of every ratio first
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx
-    from .simplify import simplify_onnx
-
     spec = make_bundle(args).spec
     info = export_onnx(spec, args.output, args.opset)
     print(f"exported {info['path']}: {info['nodes']} nodes, {info['bytes'] / 1e6:.1f} MB "
           f"in {info['export_s']:.1f} s ({spec.weights_label})")
     if args.simplified:
-        from .expectations import Expectations
-
         tol = Expectations.load(args.expectations, args.expect).number("simplify.rel_err_max")
         s = simplify_onnx(args.output, args.simplified, tol)
         print(f"simplified {args.simplified}: {s['nodes_before']} -> {s['nodes_after']} nodes "
@@ -79,18 +122,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import accuracy_record, format_table
-
-    if args.batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    _positive(args.batch_size, "--batch-size")
     bundle = make_bundle(args)
-    dataset = bundle.entry.dataset(bundle.artifacts.store.root, args.datasets_dir,
-                                   args.max_images)
+    cases = _cases(args)
+    dataset = bundle.dataset(args.datasets_dir, args.max_images)
     post = bundle.postprocessor(dataset.cat_ids)
-    records = [accuracy_record(bundle.runner(name.strip(), args.precision), dataset, post,
-                               bundle.settings, args.batch_size, bundle.spec.weights_label,
+    records = [accuracy_record(bundle.runner(name, precision), dataset, post, bundle.settings,
+                               args.batch_size, bundle.spec.provenance(),
                                progress=not args.quiet)
-               for name in args.backends.split(",")]
+               for name, precision in cases]
     print(format_table(records))
     if args.output:
         args.output.write_text(json.dumps(records, indent=1))
@@ -101,17 +141,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     import shutil
 
-    from .compile import EngineSpec
-
     spec = EngineSpec(target=args.target, precision=args.precision, batch=args.batch,
                       offload=args.offload, cuda_arch=args.cuda_arch)
     arts = make_bundle(args).artifacts
+    onnx_path = arts.simplified_onnx_path
     if spec.target == "cuda":
         # built, not loaded: this TVM runtime cannot run CUDA engines
-        d = arts.engine_dir(spec)
+        d = cached_engine_dir(arts.store, onnx_path, spec)
         record = json.loads((d / "engine.json").read_text())
     else:
-        engine = arts.tvm_engine(spec)
+        engine = cached_engine(arts.store, onnx_path, spec)
         d, record = engine.path, engine.record
     print(f"engine {d} ({spec.target}/{spec.precision}, batch {spec.batch or 'dynamic'}, "
           f"offload {spec.offload}): compiled in {record['compile_s']:.1f} s")
@@ -121,9 +160,37 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+def _bench_settings(args: argparse.Namespace) -> BenchSettings:
+    if args.perf_seconds <= 0:
+        raise UserError(f"--perf-seconds must be positive, got {args.perf_seconds}")
+    return BenchSettings(seconds=args.perf_seconds)
 
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    batches = _batches(args.perf_batches, "--perf-batches")
+    settings = _bench_settings(args)
+    bundle = make_bundle(args)
+    cases = _cases(args)
+    dataset = bundle.dataset(args.datasets_dir, max_images=max(batches))
+    first = first_batch(dataset.images, bundle.settings, len(dataset))
+    log = speed_log_for(bundle, first, settings)
+    for batch in batches:
+        for name, precision in cases:
+            log.engine_only(name, precision, batch)
+    path = write_records(args.output, log.records)
+    print(write_report([path], None, None))
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    if args.readme:
+        if len(args.inputs) != 1 or not args.accuracy:
+            raise UserError("--readme takes one pytest --benchmark-json file and --accuracy "
+                            "(the accuracy.json of pytest -m accuracy)")
+        changed = update_readme(args.readme, args.inputs[0], args.accuracy)
+        print(f"{'updated' if changed else 'unchanged'}: {args.readme}")
+        return 0
     print(write_report(args.inputs, args.markdown, args.plot))
     for p in (args.markdown, args.plot):
         if p:
@@ -132,23 +199,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .job import run_job
-
-    if args.batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
-    try:
-        perf_batches = [int(b) for b in args.perf_batches.split(",") if b]
-    except ValueError:
-        raise UserError(f"--perf-batches: expected integers, got {args.perf_batches!r}") from None
-    run_job(make_bundle(args), [b.strip() for b in args.backends.split(",")],
-            args.datasets_dir, args.max_images, args.batch_size, perf_batches,
-            args.perf_seconds, args.out)
+    _positive(args.batch_size, "--batch-size")
+    batches = _batches(args.perf_batches, "--perf-batches")
+    settings = _bench_settings(args)
+    bundle = make_bundle(args)
+    run_job(bundle, _cases(args), args.datasets_dir, args.max_images, args.batch_size,
+            batches, settings, args.out)
     return 0
 
 
 def cmd_roofline(args: argparse.Namespace) -> int:
-    from .timing import matmul_roofline
-
     r = matmul_roofline(args.n, args.threads)
     print(f"{r['n']}^3 matrix product on {r['threads']} threads: "
           f"fp32 {r['fp32_gflops']:.0f} GFLOP/s, bf16 {r['bf16_gflops']:.0f} GFLOP/s")
@@ -156,18 +216,12 @@ def cmd_roofline(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .artifacts import versions
-    from .backends import default_threads, names
-
-    print(json.dumps({"backends": names(), "threads": default_threads(),
-                      "versions": versions("torch", "mmdet", "mmcv", "onnx", "onnxruntime",
-                                           "apache-tvm", "openvino")}, indent=1))
+    print(json.dumps({"backends": backends.names(), "threads": default_threads(),
+                      "versions": versions(*STACK)}, indent=1))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .export import OPSET
-
     p = argparse.ArgumentParser(prog="ssd-pipeline", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
@@ -180,10 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--opset", type=int, default=OPSET)
     e.set_defaults(fn=cmd_export)
 
-    v = sub.add_parser("evaluate", help="COCO accuracy per backend")
+    v = sub.add_parser("evaluate", help="COCO accuracy per backend and precision")
     _common(v)
-    v.add_argument("--backends", default="torch,onnxruntime,tvm,openvino")
-    v.add_argument("--precision", default="fp32")
+    _selection(v)
     v.add_argument("--datasets-dir", default=None,
                    help="COCO root for ssd300 (default $DATASETS_DIR); tiny uses its own set")
     v.add_argument("--max-images", type=int, default=None)
@@ -202,15 +255,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--output", type=Path, default=None, help="also copy the engine here")
     c.set_defaults(fn=cmd_compile)
 
-    r = sub.add_parser("report", help="benchmark JSON -> Markdown table + PNG plot")
-    r.add_argument("inputs", type=Path, nargs="+", help="pytest --benchmark-json files")
+    b = sub.add_parser("bench", help="engine-only speed per backend, precision and batch")
+    _common(b, default_model="tiny")
+    _selection(b)
+    b.add_argument("--datasets-dir", default=None,
+                   help="images to time (default: the model's own set; $DATASETS_DIR for ssd300)")
+    b.add_argument("--perf-batches", default="1,8")
+    b.add_argument("--perf-seconds", type=float, default=3.0)
+    b.add_argument("--output", type=Path, default=Path("out/bench.json"),
+                   help="records file (default out/bench.json); 'report' reads it")
+    b.set_defaults(fn=cmd_bench)
+
+    r = sub.add_parser("report", help="speed records -> Markdown table + PNG plot")
+    r.add_argument("inputs", type=Path, nargs="+",
+                   help="pytest --benchmark-json files or records files of 'bench'/'run'")
     r.add_argument("--markdown", type=Path, default=None)
     r.add_argument("--plot", type=Path, default=None)
+    r.add_argument("--readme", type=Path, default=None,
+                   help="rewrite this README's generated 'Measured here' block instead")
+    r.add_argument("--accuracy", type=Path, default=None,
+                   help="with --readme: the accuracy records (accuracy.json)")
     r.set_defaults(fn=cmd_report)
 
     j = sub.add_parser("run", help="the main job: every stage, every backend, one report")
     _common(j, default_model="tiny")
-    j.add_argument("--backends", default="torch,onnxruntime,tvm,openvino")
+    _selection(j)
     j.add_argument("--datasets-dir", default=None,
                    help="COCO root for --model ssd300 (default $DATASETS_DIR)")
     j.add_argument("--max-images", type=int, default=None)
@@ -235,6 +304,31 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     return run_main(args.fn, args)
+
+
+def export_parser() -> argparse.ArgumentParser:
+    """The seed's ``export.py`` flags: --weight, --cfg, --output (plus --opset, --trust-...)."""
+    p = argparse.ArgumentParser(prog="python -m ssd_pipeline.export",
+                                description="Export the checkpoint to ONNX (raw head outputs, "
+                                            "no NMS), as the original's export.py.")
+    add_model_args(p)
+    p.add_argument("--output", type=Path, required=True, help="ONNX file to write")
+    p.add_argument("--opset", type=int, default=OPSET)
+    return p
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """``python -m ssd_pipeline.export --weight W --cfg C --output O``."""
+
+    def go(args: argparse.Namespace) -> int:
+        spec = ModelSpec(args.cfg or DEFAULT_CONFIG, args.weight,
+                         trust_checkpoint=args.trust_checkpoint)
+        info = export_onnx(spec, args.output, args.opset)
+        print(f"exported {info['path']}: {info['nodes']} nodes, "
+              f"{info['bytes'] / 1e6:.1f} MB in {info['export_s']:.1f} s")
+        return 0
+
+    return run_main(go, export_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

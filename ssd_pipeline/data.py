@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
+from .core.errors import UserError
 
 # The 80 COCO category ids in label order (COCO's ids are not contiguous): used when images
 # come without an annotation file.
@@ -29,6 +29,18 @@ COCO80_CATEGORY_IDS = [
     54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80,
     81, 82, 84, 85, 86, 87, 88, 89, 90,
 ]
+
+
+def preprocess_settings(cfg: Any) -> dict[str, Any]:
+    """Mean/std/channel order and input size of an mmdet config: what the graph expects (the
+    export records them with it)."""
+    dp = cfg.model.data_preprocessor
+    return {
+        "mean": [float(v) for v in dp.mean],
+        "std": [float(v) for v in dp.std],
+        "bgr_to_rgb": bool(dp.get("bgr_to_rgb", False)),
+        "input_size": int(cfg.get("input_size", 300)),
+    }
 
 
 @dataclass(frozen=True)
@@ -42,8 +54,6 @@ class PreprocessSettings:
 
     @classmethod
     def from_config(cls, cfg: Any) -> PreprocessSettings:
-        from .export import preprocess_settings
-
         s = preprocess_settings(cfg)
         return cls(tuple(s["mean"]), tuple(s["std"]), s["bgr_to_rgb"], s["input_size"])
 
@@ -159,7 +169,7 @@ class CocoDetectionSet:
         try:
             self.cat_ids = sorted(int(c["id"]) for c in cats)
             self.cat_names = {int(c["id"]): str(c.get("name", c["id"])) for c in cats}
-            images = [ImageRecord(int(im["id"]), self.img_dir / im["file_name"],
+            images = [ImageRecord(int(im["id"]), self._inside(str(im["file_name"])),
                                   int(im["width"]), int(im["height"])) for im in data["images"]]
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"annotation file {self.ann_file}: malformed image or category "
@@ -169,6 +179,18 @@ class CocoDetectionSet:
                 raise UserError(f"--max-images must be positive, got {max_images}")
             images = images[:max_images]
         self.images = images
+
+    def _inside(self, file_name: str) -> Path:
+        """The image path for ``file_name``, refused when it leaves the images directory
+        (an absolute path or a '..' that climbs out): an annotation file is data, and data
+        does not choose which files the suite reads. Checked on the names, not by resolving
+        links: the root and the images in it may be symlinks, as COCO set-ups often are."""
+        norm = os.path.normpath(file_name)
+        if os.path.isabs(file_name) or norm == ".." or norm.startswith(".." + os.sep):
+            raise UserError(f"annotation file {self.ann_file}: image file_name {file_name!r} "
+                            f"points outside the images directory {self.img_dir}: file names "
+                            "must be relative to it (e.g. 000000000139.jpg)")
+        return self.img_dir / norm
 
     @classmethod
     def from_root(cls, root: str | os.PathLike[str] | None, split: str = "val2017",

@@ -14,10 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cache import file_sha256
-from .errors import UserError
-
-log = logging.getLogger(__name__)
+from .core.cache import file_sha256
+from .core.errors import UserError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "ssd300_coco.py"
@@ -31,6 +29,9 @@ class ModelSpec:
     config: Path = DEFAULT_CONFIG
     checkpoint: Path | None = None
     seed: int = 0
+    # The user's explicit opt-in to a full unpickle of ``checkpoint`` (--trust-checkpoint):
+    # it can run code from the file, so it is off unless asked for, and every record says so.
+    trust_checkpoint: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "config", Path(self.config))
@@ -55,14 +56,26 @@ class ModelSpec:
             return f"random-init(seed={self.seed})"
         return "sha256:" + file_sha256(self.checkpoint)
 
+    @property
+    def checkpoint_load(self) -> str:
+        """How the checkpoint was read: recorded in every record a run writes."""
+        if self.checkpoint is None:
+            return "none"
+        return "trusted (full unpickle, --trust-checkpoint)" if self.trust_checkpoint \
+            else "weights_only"
+
     def describe(self) -> dict[str, Any]:
-        """Provenance: goes into cache keys, ONNX metadata and every result record."""
+        """What the model is (config, weights): goes into cache keys and ONNX metadata."""
         return {
             "config": self.config.name,
             "config_sha256": config_sha256(self.config),
             "weights": self.weights_label,
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
         }
+
+    def provenance(self) -> dict[str, Any]:
+        """What every result record carries about the model: weights and how they were read."""
+        return {"weights": self.weights_label, "checkpoint_load": self.checkpoint_load}
 
 
 _config_hashes: dict[tuple[str, int], str] = {}
@@ -94,33 +107,99 @@ def load_config(path: str | Path) -> Any:
         raise UserError(f"config {path} could not be parsed: {type(e).__name__}: {e}") from None
 
 
-def read_state_dict(path: Path) -> dict[str, Any]:
-    """The ``state_dict`` of a checkpoint file, with one-line errors for unreadable files."""
+# The globals beyond torch's own allow-list that known checkpoint writers put into a
+# checkpoint, allowed by name and nothing more; each with the writer that needs it
+# (tests/test_security.py writes each kind with the writer's own code and loads it without
+# --trust-checkpoint). mmdet 2.x / mmcv 1.x ``save_checkpoint`` files (the SSD300 zoo file:
+# meta of str/int/tuple, OrderedDict state_dict) and the embedded model need none.
+_MMENGINE = "mmengine Runner.save_checkpoint (mmdet 3.x training): message_hub"
+SAFE_CHECKPOINT_GLOBALS: dict[str, str] = {
+    "mmengine.logging.history_buffer.HistoryBuffer": f"{_MMENGINE} log_scalars",
+    "builtins.getattr": f"{_MMENGINE}: HistoryBuffer's statistics_methods, pickled as "
+                        "getattr(HistoryBuffer, 'min'|'max'|'mean'|'current'); only those four "
+                        "are allowed",
+    "numpy.core.multiarray._reconstruct": f"{_MMENGINE}: HistoryBuffer arrays (numpy 1 name)",
+    "numpy._core.multiarray._reconstruct": f"{_MMENGINE}: HistoryBuffer arrays (numpy 2 name)",
+    "numpy.core.multiarray.scalar": f"{_MMENGINE}: numpy scalars logged (numpy 1 name)",
+    "numpy._core.multiarray.scalar": f"{_MMENGINE}: numpy scalars logged (numpy 2 name)",
+    "numpy.ndarray": f"{_MMENGINE}: HistoryBuffer arrays",
+    "numpy.dtype": f"{_MMENGINE}: HistoryBuffer arrays",
+    "numpy.dtypes.Float64DType": f"{_MMENGINE}: HistoryBuffer log history",
+    "numpy.dtypes.Int64DType": f"{_MMENGINE}: HistoryBuffer count history",
+}
+TRUST_HINT = ("if you trust this file and where it came from, pass --trust-checkpoint "
+              "(ssd-pipeline and pytest) or TRUST_CHECKPOINT=1 (the seed scripts)")
+_HISTORY_BUFFER_STATISTICS = frozenset({"min", "max", "mean", "current"})
+
+
+def _history_buffer_statistic(obj: Any, name: str) -> Any:
+    """What ``builtins.getattr`` means inside a checkpoint: HistoryBuffer's own statistics
+    methods, nothing else (a free getattr would run any property of any loaded object)."""
+    from mmengine.logging.history_buffer import HistoryBuffer
+
+    if obj is HistoryBuffer and name in _HISTORY_BUFFER_STATISTICS:
+        return getattr(obj, name)
+    raise pickle.UnpicklingError(f"getattr({getattr(obj, '__name__', type(obj).__name__)}, "
+                                 f"{name!r}) is not allowed in a checkpoint")
+
+
+def _safe_globals() -> list[Any]:
+    """The allowed objects, as torch's safe_globals takes them: (object, dotted name)."""
+    import importlib
+
+    found: list[Any] = [(_history_buffer_statistic, "builtins.getattr")]
+    for dotted in SAFE_CHECKPOINT_GLOBALS:
+        module, _, name = dotted.rpartition(".")
+        if dotted == "builtins.getattr":
+            continue
+        try:
+            found.append((getattr(importlib.import_module(module), name), dotted))
+        except (ImportError, AttributeError):  # numpy 1 vs 2 spell some of them differently
+            continue
+    return found
+
+
+def read_state_dict(path: Path, trust: bool = False) -> dict[str, Any]:
+    """The ``state_dict`` of a checkpoint file, read with torch's weights-only unpickler.
+
+    A checkpoint that needs any global beyond :data:`SAFE_CHECKPOINT_GLOBALS` is refused in
+    one line naming it: a pickle can run arbitrary code while it loads. ``trust=True`` (the
+    user's --trust-checkpoint) unpickles fully instead. No fallback from one to the other.
+    """
     import torch
 
-    def load() -> Any:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            if "Weights only load failed" not in str(e):
-                raise
-            # mmdet checkpoints may carry mmengine objects in 'meta': a full unpickle of the
-            # user-given file is what mmengine itself does.
-            log.info("checkpoint %s needs full unpickling (meta objects)", path)
-            return torch.load(path, map_location="cpu", weights_only=False)
-
     try:
-        ckpt = load()
-    except Exception as e:  # garbage bytes raise anything from EOFError to IndexError
-        first = str(e).splitlines()[0][:160] if str(e) else ""
+        if trust:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            with torch.serialization.safe_globals(_safe_globals()):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise UserError(_unreadable(path, e)) from None
+        allowed = set(SAFE_CHECKPOINT_GLOBALS)
+        try:  # reads the pickle's opcodes; runs nothing
+            offending = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                         if g not in allowed]
+        except Exception:
+            offending = []
+        what = ", ".join(offending) if offending else "an object outside the allowed list"
         raise UserError(
-            f"checkpoint {path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
-            f"{first}); it may be truncated or corrupt: download it again"
+            f"checkpoint {path} refused: loading it would call {what}, which a weights-only "
+            f"load does not allow (a pickle can run code while it loads); {TRUST_HINT}"
         ) from None
+    except Exception as e:  # garbage bytes raise anything from EOFError to IndexError
+        raise UserError(_unreadable(path, e)) from None
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not state:
         raise UserError(f"checkpoint {path} holds no state_dict (got {type(ckpt).__name__})")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _unreadable(path: Path, e: BaseException) -> str:
+    first = str(e).splitlines()[0][:160] if str(e) else ""
+    return (f"checkpoint {path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
+            f"{first}); it may be truncated or corrupt: download it again")
 
 
 def check_state_dict(model: Any, state: dict[str, Any], path: Path, config: Path) -> None:
@@ -181,7 +260,7 @@ def build_model(spec: ModelSpec) -> Any:
         finally:
             mm_logger.setLevel(level)
     else:
-        state = read_state_dict(spec.checkpoint)
+        state = read_state_dict(spec.checkpoint, spec.trust_checkpoint)
         check_state_dict(model, state, spec.checkpoint, spec.config)
         model.load_state_dict(state, strict=True)
     if cfg.get("classes"):

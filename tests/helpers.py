@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ssd_pipeline.gates import require_at_most
+from ssd_pipeline.core.gates import require_at_most
 from ssd_pipeline.parity import match_detections, rel_errs
 
 
@@ -37,3 +37,13 @@ def assert_detection_parity(got_dets: list[Any], ref_dets: list[Any], iou_min: f
     bad = [f"image {d.img_id}: {r.summary()}" for d, r in zip(ref_dets, reports, strict=True)
            if not r.ok(match_min)]
     assert not bad, "detections differ beyond the cut-off borderline:\n" + "\n".join(bad)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for a pytest run started from a test: without the xdist worker variables
+    of this process (pytest-benchmark would take the child for an xdist worker and turn
+    itself off), warnings quiet."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    return env | {"PYTHONWARNINGS": "ignore"} | extra

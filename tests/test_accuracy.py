@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import missing_data
-from ssd_pipeline.errors import UserError
-from ssd_pipeline.gates import require_at_least, require_at_most
+from conftest import ACCURACY_PATH, ACCURACY_RECORDS, missing_data
+from ssd_pipeline.core.errors import UserError
+from ssd_pipeline.core.gates import require_at_least, require_at_most
 
 pytestmark = pytest.mark.accuracy
 
@@ -33,7 +33,7 @@ def eval_set(pytestconfig, bundles, store):
         if model not in found:
             try:
                 given = None if b.entry.embedded else opt.datasets_dir  # $DATASETS_DIR is COCO
-                found[model] = b.entry.dataset(store.root, given, opt.max_images)
+                found[model] = b.dataset(given, opt.max_images)
             except UserError as e:
                 found[model] = f"no COCO val2017: {e}"
         if isinstance(found[model], str):
@@ -49,13 +49,13 @@ def eval_set(pytestconfig, bundles, store):
 @pytest.fixture(scope="session")
 def accuracy_of(pytestconfig, bundles, eval_set):
     """``accuracy_of(model, backend, precision)``: the record of one full run, computed once."""
-    from ssd_pipeline.evaluate import accuracy_record
+    from ssd_pipeline.suite.evaluate import accuracy_record
 
     cache: dict = {}
     records: list = []
     out = Path(pytestconfig.option.records_dir) / "accuracy.json"
-    pytestconfig._ssd_accuracy_records = records
-    pytestconfig._ssd_accuracy_path = out
+    pytestconfig.stash[ACCURACY_RECORDS] = records
+    pytestconfig.stash[ACCURACY_PATH] = out
 
     def get(model: str, backend: str, precision: str) -> dict:
         key = (model, backend, precision)
@@ -64,7 +64,7 @@ def accuracy_of(pytestconfig, bundles, eval_set):
             b = bundles(model)
             rec = accuracy_record(b.runner(backend, precision), dataset,
                                   b.postprocessor(dataset.cat_ids), b.settings,
-                                  pytestconfig.option.batch_size, b.spec.weights_label)
+                                  pytestconfig.option.batch_size, b.spec.provenance())
             cache[key] = rec | {"model": model}
             records.append(cache[key])
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from ssd_pipeline.cache import ArtifactStore
-from ssd_pipeline.errors import UserError
+from ssd_pipeline.core.cache import ArtifactStore
+from ssd_pipeline.core.errors import UserError
 
 
 def writer(text: str):
@@ -63,7 +63,7 @@ def test_killed_build_is_not_taken_as_valid(tmp_path):
     """SIGKILL in the middle of a build; the next run rebuilds."""
     script = (
         "import sys, time\n"
-        "from ssd_pipeline.cache import ArtifactStore\n"
+        "from ssd_pipeline.core.cache import ArtifactStore\n"
         "def build(tmp):\n"
         "    (tmp / 'a.txt').write_text('partial')\n"
         "    print('building', flush=True)\n"

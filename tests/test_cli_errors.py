@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ssd_pipeline.export import main as export_main
+from ssd_pipeline.cli import export_main
 
 
 def run_export(capsys, *args: str) -> tuple[int, str]:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from ssd_pipeline.cli import main as cli_main
+from ssd_pipeline.core.errors import UserError
 from ssd_pipeline.data import CocoDetectionSet, load_image
-from ssd_pipeline.errors import UserError
 from tests.test_cli_errors import assert_one_line_error
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ssd_pipeline.export import INPUT_NAME, OPSET, output_names, read_provenance
+from ssd_pipeline.artifacts.export import INPUT_NAME, OPSET, output_names, read_provenance
 
 
 @pytest.fixture(scope="session", params=["raw", "simplified"])
@@ -57,7 +57,7 @@ def test_simplify_refuses_a_wrong_model(tmp_path, artifacts, monkeypatch):
     """If onnxsim ever changed the numbers, the check must stop the model from being used."""
     import onnxsim
 
-    from ssd_pipeline import simplify
+    from ssd_pipeline.artifacts import simplify
 
     real = onnxsim.simplify
 
@@ -81,7 +81,7 @@ def test_zero_features_stay_finite(tmp_path, model_spec, expectations):
     import onnxruntime as ort
     import torch
 
-    from ssd_pipeline.export import export_module
+    from ssd_pipeline.artifacts.export import export_module
     from ssd_pipeline.model import build_model, head_outputs_module
 
     model = build_model(model_spec)

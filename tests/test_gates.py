@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from ssd_pipeline.gates import GateFailure, require_at_least
+from ssd_pipeline.core.gates import GateFailure, require_at_least
+from tests.helpers import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "accuracy.ssd_tiny_synthetic"
@@ -27,7 +27,7 @@ def run_gate(records: Path, *overrides: str) -> subprocess.CompletedProcess:
     for o in overrides:
         cmd += ["--expect", o]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=os.environ | {"PYTHONWARNINGS": "ignore"})
+                          env=child_env())
 
 
 def test_gate_passes_below_and_fails_above(tmp_path):
@@ -46,10 +46,10 @@ def test_gate_passes_below_and_fails_above(tmp_path):
 def test_gate_catches_a_broken_pipeline(fault, bundles, store, expectations, monkeypatch,
                                         record_property):
     from ssd_pipeline import data
-    from ssd_pipeline.evaluate import accuracy_record
+    from ssd_pipeline.suite.evaluate import accuracy_record
 
     tiny = bundles("tiny")
-    dataset = tiny.entry.dataset(store.root, max_images=60)
+    dataset = tiny.dataset(max_images=60)
     settings = tiny.settings
     if fault == "channels_swapped":
         settings = dataclasses.replace(settings, bgr_to_rgb=not settings.bgr_to_rgb)
@@ -62,7 +62,8 @@ def test_gate_catches_a_broken_pipeline(fault, bundles, store, expectations, mon
 
         monkeypatch.setattr(data, "preprocess", no_rescale)
     rec = accuracy_record(tiny.runner("onnxruntime"), dataset,
-                          tiny.postprocessor(dataset.cat_ids), settings, 8, "fault test")
+                          tiny.postprocessor(dataset.cat_ids), settings, 8,
+                          {"weights": "fault test"})
     got = rec["metrics"]["bbox_mAP_50"]
     record_property("faulty_map_50", got)
     with pytest.raises(GateFailure, match=r"got .* expected >="):
@@ -87,7 +88,7 @@ def test_perf_floor_fails_above_and_passes_below(tmp_path):
     base = [sys.executable, "-m", "pytest", "tests/test_perf.py", "-q", "-p", "no:cacheprovider",
             "-k", "engine_only and tvm-fp32", "--backends", "onnxruntime,tvm",
             "--perf-batches", "1", "--perf-seconds", "0.3"]
-    env = os.environ | {"PYTHONWARNINGS": "ignore"}
+    env = child_env()
     ok = subprocess.run([*base, "--expect", "perf.cpu.tvm_fp32_min_ratio=0.01"], cwd=ROOT,
                         capture_output=True, text=True, timeout=600, env=env)
     assert ok.returncode == 0, ok.stdout[-3000:]

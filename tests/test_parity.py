@@ -44,17 +44,10 @@ def test_onnx_dynamic_batch(runners, sample_batch, head_outputs, batch, expectat
                       expectations.number("parity.fp32.raw_rel_err_max"), "dynamic batch")
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.backend("openvino")
 def test_openvino_vs_onnx_raw_outputs(model_name, precision, bundles, sample_batch,
-                                      head_outputs, expectations, pytestconfig,
-                                      record_property):
+                                      head_outputs, expectations, record_property):
     """OpenVINO, the second speed peer, computes the same head outputs."""
-    from conftest import backend_precisions, selected_backends
-
-    if "openvino" not in selected_backends(pytestconfig):
-        pytest.skip("openvino is not in --backends")
-    if precision not in backend_precisions("openvino"):
-        pytest.skip(f"openvino has no {precision} on this CPU (needs avx512_bf16)")
     ov = bundles(model_name).runner("openvino", precision)
     key = f"parity.{'fp32' if precision == 'fp32' else 'reduced'}.raw_rel_err_max"
     assert_raw_parity(ov.run(sample_batch.array), head_outputs(model_name, "onnxruntime"),

@@ -24,3 +24,19 @@ def test_readme_has_exactly_two_commands():
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert readme_commands()[1] in ci.splitlines(), "the README's test command is not in .ci/run"
+
+
+def test_measured_tables_come_from_the_committed_records(tmp_path):
+    """The README's "Measured here" block is what `ssd-pipeline report --readme` makes from
+    fixtures/measured/: edit the records (by a run), never the table."""
+    import shutil
+
+    from ssd_pipeline.suite.report import update_readme
+
+    copy = tmp_path / "README.md"
+    shutil.copy(ROOT / "README.md", copy)
+    measured = ROOT / "fixtures" / "measured"
+    changed = update_readme(copy, measured / "perf.json", measured / "accuracy.json")
+    assert not changed, ("README's measured block differs from fixtures/measured/: run "
+                         "ssd-pipeline report fixtures/measured/perf.json --accuracy "
+                         "fixtures/measured/accuracy.json --readme README.md")

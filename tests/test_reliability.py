@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.helpers import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
 SLOW_BUILD = """
 import sys, time
-from ssd_pipeline.cache import ArtifactStore
+from ssd_pipeline.core.cache import ArtifactStore
 def build(tmp):
     time.sleep(2)
     (tmp / "a.txt").write_text("built")
@@ -41,7 +42,7 @@ def test_xdist_workers_share_artifacts(tmp_path):
          "tests/test_parity.py", "-k", "onnx_vs_torch", "--models", "tiny",
          "--cache-dir", str(cache)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env=os.environ | {"PYTHONWARNINGS": "ignore"})
+        env=child_env())
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "2 passed" in proc.stdout, proc.stdout[-2000:]
     events = [json.loads(ln) for ln in (cache / "events.jsonl").read_text().splitlines()]
@@ -51,11 +52,11 @@ def test_xdist_workers_share_artifacts(tmp_path):
 
 
 def test_accuracy_is_deterministic(bundles, store):
-    from ssd_pipeline.evaluate import accuracy_record
+    from ssd_pipeline.suite.evaluate import accuracy_record
 
     tiny = bundles("tiny")
-    dataset = tiny.entry.dataset(store.root, max_images=24)
+    dataset = tiny.dataset(max_images=24)
     runs = [accuracy_record(tiny.runner("onnxruntime"), dataset,
                             tiny.postprocessor(dataset.cat_ids), tiny.settings, 8,
-                            "determinism")["metrics"] for _ in range(2)]
+                            {"weights": "determinism"})["metrics"] for _ in range(2)]
     assert runs[0] == runs[1]

@@ -7,15 +7,11 @@ import shutil
 
 import pytest
 
-from ssd_pipeline.compile import EngineSpec, build_engine, load_engine
-from ssd_pipeline.errors import UserError
+from ssd_pipeline.core.errors import UserError
+from ssd_pipeline.engine.compile import EngineSpec, build_engine, cached_engine, load_engine
 from tests.helpers import assert_detection_parity, assert_raw_parity
 
-
-def tvm_precisions() -> list[str]:
-    from ssd_pipeline.backends.tvm_backend import TvmBackend
-
-    return list(TvmBackend().precisions)
+pytestmark = pytest.mark.backend("tvm")
 
 
 def tolerance_table(precision: str) -> str:
@@ -28,7 +24,6 @@ def ort_outputs(head_outputs):
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("precision", tvm_precisions())
 def test_tvm_vs_onnx_raw_outputs(model_name, precision, bundles, sample_batch,
                                  head_outputs, expectations, record_property):
     tvm = bundles(model_name).runner("tvm", precision)
@@ -39,7 +34,6 @@ def test_tvm_vs_onnx_raw_outputs(model_name, precision, bundles, sample_batch,
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("precision", tvm_precisions())
 def test_tvm_vs_onnx_detections(model_name, precision, bundles, sample_batch,
                                 head_outputs, expectations, record_property):
     table = tolerance_table(precision)
@@ -69,12 +63,12 @@ def test_every_convolution_is_offloaded(model_name, bundles):
 
 
 def test_engine_is_built_once_and_reused(artifacts, store, model_spec, expectations):
-    from ssd_pipeline.artifacts import ModelArtifacts
+    from ssd_pipeline.artifacts.chain import ModelArtifacts
 
-    artifacts.tvm_engine(EngineSpec())
+    cached_engine(store, artifacts.simplified_onnx_path, EngineSpec())
     before = [e for e in store.events() if e["stage"] == "tvm-engine"]
     fresh = ModelArtifacts(model_spec, store, expectations.number("simplify.rel_err_max"))
-    engine = fresh.tvm_engine(EngineSpec())
+    engine = cached_engine(store, fresh.simplified_onnx_path, EngineSpec())
     after = [e for e in store.events() if e["stage"] == "tvm-engine"]
     assert before == after, "a second session rebuilt an engine it had in the cache"
     assert engine.record["onnx_sha256"]
@@ -85,7 +79,7 @@ def test_static_batch_engine(artifacts, sample_batch, ort_outputs, expectations,
     from ssd_pipeline.backends.tvm_backend import TvmRunner
 
     spec = EngineSpec(batch=len(sample_batch.array))
-    engine = artifacts.tvm_engine(spec)
+    engine = cached_engine(artifacts.store, artifacts.simplified_onnx_path, spec)
     runner = TvmRunner(engine, spec, 2, engine.record["outputs"])
     assert_raw_parity(runner.run(sample_batch.array), ort_outputs, runner.output_names,
                       expectations.number("parity.fp32.raw_rel_err_max"), "static batch")
@@ -94,9 +88,9 @@ def test_static_batch_engine(artifacts, sample_batch, ort_outputs, expectations,
 
 
 def test_engine_for_another_spec_is_refused(artifacts, tmp_path):
-    engine = artifacts.tvm_engine(EngineSpec())
-    with pytest.raises(UserError, match="precision 'fp32' \\(expected 'bf16'\\)"):
-        load_engine(engine.path, EngineSpec(precision="bf16"))
+    engine = cached_engine(artifacts.store, artifacts.simplified_onnx_path, EngineSpec())
+    with pytest.raises(UserError, match="offload 'dnnl' \\(expected 'none'\\)"):
+        load_engine(engine.path, EngineSpec(offload="none"))
     with pytest.raises(UserError, match="batch None \\(expected 4\\)"):
         load_engine(engine.path, EngineSpec(batch=4))
     forged = tmp_path / "old"

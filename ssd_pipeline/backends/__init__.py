@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import UserError
-from .base import Backend, Runner, default_threads
+from ..core.errors import UserError
+from .base import Backend, Runner
 
 _REGISTRY: dict[str, str] = {
     "torch": "ssd_pipeline.backends.torch_backend:TorchBackend",
@@ -16,7 +16,36 @@ _REGISTRY: dict[str, str] = {
 
 
 def names() -> list[str]:
+    """Every registered backend: the default selection everywhere."""
     return list(_REGISTRY)
+
+
+def select(raw: str | None) -> list[str]:
+    """The ``--backends`` comma list checked against the registry; None or empty: all."""
+    chosen = [b.strip() for b in (raw or "").split(",") if b.strip()] or names()
+    unknown = [b for b in chosen if b not in _REGISTRY]
+    if unknown:
+        raise UserError(f"--backends: unknown backend {unknown[0]!r}; known: "
+                        f"{', '.join(_REGISTRY)}")
+    return chosen
+
+
+def cases(backends: list[str], precisions: str | None = None,
+          available_only: bool = True) -> list[tuple[str, str]]:
+    """(backend, precision) pairs: each backend's precisions (those this host runs, unless
+    ``available_only`` is False), narrowed to the ``--precisions`` comma list if given."""
+    wanted = [p.strip() for p in (precisions or "").split(",") if p.strip()]
+    chosen = [get_backend(name) for name in backends]  # a missing package is named here
+    for p in wanted:
+        if not any(p in b.precisions for b in chosen):
+            offered = sorted({q for b in chosen for q in b.precisions})
+            raise UserError(f"no precision {p!r} in backends {', '.join(backends)}; they "
+                            f"offer {', '.join(offered)}")
+    out = []
+    for b in chosen:
+        offered = b.available_precisions() if available_only else b.precisions
+        out += [(b.name, p) for p in offered if not wanted or p in wanted]
+    return out
 
 
 def get_backend(name: str) -> Backend:
@@ -31,4 +60,4 @@ def get_backend(name: str) -> Backend:
                         "installed: run scripts/install.sh (it installs every backend)") from None
 
 
-__all__ = ["Backend", "Runner", "default_threads", "get_backend", "names"]
+__all__ = ["Backend", "Runner", "cases", "get_backend", "names", "select"]

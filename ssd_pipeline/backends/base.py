@@ -6,31 +6,16 @@ outputs as float32 arrays, class-score maps first, in the order of ``output_name
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import UserError
+from ..core.errors import UserError
+from ..core.host import cpu_flags
 
 if TYPE_CHECKING:
-    from ..artifacts import ModelArtifacts
-
-
-def default_threads() -> int:
-    """Cores this process may use (affinity-aware, unlike os.cpu_count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def cpu_precisions() -> tuple[str, ...]:
-    """fp32, plus bf16 where the CPU has avx512_bf16 (what bf16 kernels need to be fast)."""
-    from ..compile import cpu_flags
-
-    return ("fp32", "bf16") if "avx512_bf16" in cpu_flags() else ("fp32",)
+    from ..artifacts.chain import ModelArtifacts
 
 
 class Runner(ABC):
@@ -51,15 +36,29 @@ class Runner(ABC):
 
 
 class Backend(ABC):
-    """Factory of runners; subclasses set ``name`` and ``precisions``."""
+    """Factory of runners; subclasses set ``name`` and ``precisions`` (all they offer; a
+    precision this host cannot run is named by :meth:`unavailable`)."""
 
     name: str = ""
     precisions: tuple[str, ...] = ("fp32",)
+
+    def unavailable(self, precision: str) -> str | None:
+        """Why this host cannot run ``precision`` (None: it can)."""
+        if precision == "bf16" and "avx512_bf16" not in cpu_flags():
+            return "bf16 needs a CPU with avx512_bf16 (this one has none)"
+        return None
+
+    def available_precisions(self) -> tuple[str, ...]:
+        return tuple(p for p in self.precisions if self.unavailable(p) is None)
 
     def check_precision(self, precision: str) -> None:
         if precision not in self.precisions:
             raise UserError(f"backend {self.name!r} has no precision {precision!r}; "
                             f"choose one of {', '.join(self.precisions)}")
+        why = self.unavailable(precision)
+        if why:
+            raise UserError(f"backend {self.name!r} cannot run {precision} here: {why}; "
+                            f"choose one of {', '.join(self.available_precisions())}")
 
     @abstractmethod
     def prepare(self, artifacts: ModelArtifacts, *, precision: str = "fp32",

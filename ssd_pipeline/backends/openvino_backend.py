@@ -8,14 +8,17 @@ from typing import Any
 
 import numpy as np
 
-from ..cache import file_sha256
-from .base import Backend, Runner, check_batch, cpu_precisions, default_threads
+from ..core.cache import file_sha256
+from ..core.host import default_threads
+from ..core.onnxfile import check_external_data
+from .base import Backend, Runner, check_batch
 
 
 class OpenVinoRunner(Runner):
     def __init__(self, path: str, threads: int, precision: str) -> None:
         import openvino as ov
 
+        check_external_data(path)
         core = ov.Core()
         model = core.read_model(path)
         # fp32 unless asked: OpenVINO would otherwise run bf16 on CPUs that have it
@@ -37,9 +40,7 @@ class OpenVinoRunner(Runner):
 class OpenVinoBackend(Backend):
     name = "openvino"
 
-    @property
-    def precisions(self) -> tuple[str, ...]:  # type: ignore[override]
-        return cpu_precisions()
+    precisions = ("fp32", "bf16")
 
     def prepare(self, artifacts: Any, *, precision: str = "fp32", threads: int | None = None,
                 batch_size: int | None = None) -> Runner:

@@ -6,14 +6,17 @@ from typing import Any
 
 import numpy as np
 
-from ..cache import file_sha256
-from .base import Backend, Runner, check_batch, default_threads
+from ..core.cache import file_sha256
+from ..core.host import default_threads
+from ..core.onnxfile import check_external_data
+from .base import Backend, Runner, check_batch
 
 
 class OrtRunner(Runner):
     def __init__(self, path: str, threads: int) -> None:
         import onnxruntime as ort
 
+        check_external_data(path)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1

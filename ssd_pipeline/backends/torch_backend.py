@@ -6,8 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from ..export import output_names
-from .base import Backend, Runner, check_batch, default_threads
+from ..artifacts.export import output_names
+from ..core.host import default_threads
+from .base import Backend, Runner, check_batch
 
 
 class TorchRunner(Runner):

@@ -1,4 +1,5 @@
-"""Apache TVM (Relax) engine: our counterpart of Iluvatar's IGIE (see ssd_pipeline.compile)."""
+"""Apache TVM (Relax) engine: our counterpart of Iluvatar's IGIE (see
+:mod:`ssd_pipeline.engine.compile`)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UserError
-from .base import Backend, Runner, check_batch, cpu_precisions, default_threads
+from ..core.errors import UserError
+from ..core.host import default_threads
+from .base import Backend, Runner, check_batch
 
 
 class TvmRunner(Runner):
@@ -45,20 +47,18 @@ class TvmRunner(Runner):
 class TvmBackend(Backend):
     name = "tvm"
 
-    @property
-    def precisions(self) -> tuple[str, ...]:  # type: ignore[override]
-        return cpu_precisions()
+    precisions = ("fp32", "bf16")
 
     def prepare(self, artifacts: Any, *, precision: str = "fp32", threads: int | None = None,
                 batch_size: int | None = None) -> Runner:
         import os
 
-        from ..compile import EngineSpec
+        from ..engine.compile import EngineSpec, cached_engine
 
         self.check_precision(precision)
         threads = threads or default_threads()
         os.environ.setdefault("TVM_NUM_THREADS", str(threads))
         spec = EngineSpec(target="cpu", precision=precision, batch=None)
-        engine = artifacts.tvm_engine(spec)
+        engine = cached_engine(artifacts.store, artifacts.simplified_onnx_path, spec)
         return TvmRunner(engine, spec, threads,
                          list(engine.record["outputs"]))

@@ -50,7 +50,9 @@ def conv_gflop_per_image(onnx_path: str) -> float:
     SSD300 at 300x300: 68.7 (34.4 GMAC)."""
     import onnx
 
-    model = onnx.shape_inference.infer_shapes(onnx.load(onnx_path))
+    from .onnxfile import load_onnx
+
+    model = onnx.shape_inference.infer_shapes(load_onnx(onnx_path))
     shapes = {v.name: [d.dim_value or 1 for d in v.type.tensor_type.shape.dim]
               for v in [*model.graph.value_info, *model.graph.output]}
     weights = {i.name: list(i.dims) for i in model.graph.initializer}
@@ -69,7 +71,7 @@ def matmul_roofline(n: int = 4096, threads: int | None = None, seconds: float = 
     the ceiling the engines' GFLOP/s are read against."""
     import torch
 
-    from .backends.base import default_threads
+    from .host import default_threads
 
     torch.set_num_threads(threads or default_threads())
     out: dict[str, float] = {"n": n, "threads": torch.get_num_threads()}

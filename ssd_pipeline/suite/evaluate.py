@@ -11,11 +11,11 @@ import sys
 import time
 from typing import Any
 
-from .artifacts import versions
-from .backends import Runner
-from .data import CocoDetectionSet, ImageRecord, PreprocessSettings, batches
-from .metrics import evaluate, load_coco
-from .postprocess import Detections, Postprocessor
+from ..backends import Runner
+from ..core.host import versions
+from ..data import CocoDetectionSet, ImageRecord, PreprocessSettings, batches
+from ..metrics import evaluate, load_coco
+from ..postprocess import Detections, Postprocessor
 
 
 def predict(runner: Runner, records: list[ImageRecord], post: Postprocessor,
@@ -43,9 +43,10 @@ def predict(runner: Runner, records: list[ImageRecord], post: Postprocessor,
 
 
 def accuracy_record(runner: Runner, dataset: CocoDetectionSet, post: Postprocessor,
-                    settings: PreprocessSettings, batch_size: int, weights: str,
+                    settings: PreprocessSettings, batch_size: int, model: dict[str, Any],
                     progress: bool = False) -> dict[str, Any]:
-    """Run the whole dataset through ``runner`` and score it: a flat, self-describing record."""
+    """Run the whole dataset through ``runner`` and score it: a flat, self-describing record.
+    ``model``: the model's provenance (``ModelSpec.provenance()``: weights, how read)."""
     t0 = time.perf_counter()
     dets, engine_s = predict(runner, dataset.images, post, settings, batch_size, progress)
     metrics = evaluate(load_coco(dataset.ann_file), dets, dataset.img_ids)
@@ -53,7 +54,7 @@ def accuracy_record(runner: Runner, dataset: CocoDetectionSet, post: Postprocess
     return {
         **runner.info,
         "batch_size": batch_size,
-        "weights": weights,
+        **model,
         "dataset": str(dataset.ann_file),
         "num_images": len(dataset),
         "metrics": metrics,

@@ -9,25 +9,22 @@ from __future__ import annotations
 
 import functools
 import json
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from .cache import ArtifactStore, file_sha256
+from ..core.cache import ArtifactStore, file_sha256
+from ..core.host import versions
+from ..model import ModelSpec, build_model, head_outputs_module
 from .export import OPSET, export_onnx
-from .model import ModelSpec, build_model, head_outputs_module
 from .simplify import simplify_onnx
 
 ONNX_FILE = "model.onnx"
 INFO_FILE = "info.json"
 
 
-def versions(*packages: str) -> dict[str, str]:
-    return {p: version(p) for p in packages}
-
-
 class ModelArtifacts:
-    """Lazily built, cached artifacts of one :class:`ModelSpec`; what backends prepare from."""
+    """Lazily built, cached artifacts of one :class:`ModelSpec`: the detector, its ONNX and the
+    simplified ONNX. Backends prepare from these; engines are built from the simplified ONNX."""
 
     def __init__(self, spec: ModelSpec, store: ArtifactStore, simplify_rel_err_max: float,
                  opset: int = OPSET) -> None:
@@ -35,7 +32,6 @@ class ModelArtifacts:
         self.store = store
         self.simplify_rel_err_max = simplify_rel_err_max
         self.opset = opset
-        self._engines: dict[Any, Any] = {}
 
     @functools.cached_property
     def torch_model(self) -> Any:
@@ -81,28 +77,6 @@ class ModelArtifacts:
     def simplified_onnx_path(self) -> Path:
         """The onnxsim-simplified ONNX file: what ONNX Runtime and TVM consume."""
         return self.simplified_dir / ONNX_FILE
-
-    def engine_dir(self, spec: Any) -> Path:
-        """The compiled TVM engine's directory for ``spec``, built once per content key."""
-        from .compile import build_engine
-        from .kernels import build_shim
-
-        shim = build_shim(self.store) if spec.offload == "dnnl" else None
-        onnx_path = self.simplified_onnx_path
-        inputs = {"onnx_sha256": file_sha256(onnx_path), "engine": spec.key(),
-                  "shim_sha256": file_sha256(shim) if shim else None}
-        return self.store.get_or_build(
-            "tvm-engine", inputs, lambda tmp: build_engine(onnx_path, spec, tmp, shim))
-
-    def tvm_engine(self, spec: Any) -> Any:
-        """The TVM engine for ``spec``, built once per content key and loaded."""
-        from .compile import load_engine
-        from .kernels import build_shim
-
-        if spec not in self._engines:
-            shim = build_shim(self.store) if spec.offload == "dnnl" else None
-            self._engines[spec] = load_engine(self.engine_dir(spec), spec, shim)
-        return self._engines[spec]
 
     def build_info(self) -> dict[str, Any]:
         """Export and simplification records (times, sizes, node counts)."""

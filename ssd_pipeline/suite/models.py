@@ -13,11 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import CocoDetectionSet
-from .errors import UserError
-from .model import CONFIG_DIR, ModelSpec
+from ..artifacts.chain import ModelArtifacts
+from ..backends import Runner, get_backend
+from ..core.cache import ArtifactStore, file_sha256
+from ..core.errors import UserError
+from ..core.expectations import Expectations
+from ..data import CocoDetectionSet, PreprocessSettings
+from ..model import CONFIG_DIR, ModelSpec, load_config
+from ..postprocess import Postprocessor
+from ..synthetic import DEFAULT_CATEGORIES, make_coco_set
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 TINY_CHECKPOINT = FIXTURES / "models" / "ssd_tiny_synthetic.pth"
 # The embedded val split: regenerated bit-identically from this seed (ssd_pipeline.synthetic).
 TINY_VAL = {"split": "val", "num_images": 200, "seed": 4321, "crowd_images": 8,
@@ -31,10 +37,13 @@ class ModelEntry:
     expectations_key: str
     embedded: bool  # ships its weights and makes its data
 
-    def spec(self, weight: str | os.PathLike[str] | None = None) -> ModelSpec:
-        if self.embedded:
-            return ModelSpec(self.config, Path(weight) if weight else TINY_CHECKPOINT)
-        return ModelSpec(self.config, Path(weight) if weight else None)
+    def spec(self, weight: str | os.PathLike[str] | None = None,
+             cfg: str | os.PathLike[str] | None = None, trust_checkpoint: bool = False
+             ) -> ModelSpec:
+        """Its config and weights, with the user's --cfg/--weight in their place."""
+        default = TINY_CHECKPOINT if self.embedded else None
+        return ModelSpec(Path(cfg) if cfg else self.config,
+                         Path(weight) if weight else default, trust_checkpoint=trust_checkpoint)
 
     def dataset(self, cache_root: Path, datasets_dir: str | None = None,
                 max_images: int | None = None) -> CocoDetectionSet:
@@ -60,9 +69,6 @@ def get_model(name: str) -> ModelEntry:
 
 def embedded_val_set(cache_root: Path, max_images: int | None = None) -> CocoDetectionSet:
     """Generate the embedded val split once under the cache (atomic via the store)."""
-    from .cache import ArtifactStore
-    from .synthetic import make_coco_set
-
     store = ArtifactStore(cache_root)
     split = TINY_VAL["split"]
     d = store.get_or_build(
@@ -75,47 +81,48 @@ def embedded_val_set(cache_root: Path, max_images: int | None = None) -> CocoDet
 
 
 def _generator_hash() -> str:
-    from .cache import file_sha256
-
-    return file_sha256(Path(__file__).with_name("synthetic.py"))
+    return file_sha256(Path(__file__).resolve().parents[1] / "synthetic.py")
 
 
 class ModelBundle:
     """One model's artifacts, config, preprocessing and prepared runners (built lazily, once)."""
 
-    def __init__(self, entry: ModelEntry, spec: ModelSpec, store: Any, simplify_tol: float,
-                 threads: int | None = None) -> None:
-        from .artifacts import ModelArtifacts
-
+    def __init__(self, entry: ModelEntry, spec: ModelSpec, store: ArtifactStore,
+                 simplify_tol: float, threads: int | None = None) -> None:
         self.entry, self.spec, self.threads = entry, spec, threads
         self.artifacts = ModelArtifacts(spec, store, simplify_tol)
-        self._runners: dict[tuple[str, str], Any] = {}
+        self._runners: dict[tuple[str, str], Runner] = {}
 
     @functools.cached_property
     def cfg(self) -> Any:
-        from .model import load_config
-
         return load_config(self.spec.config)
 
     @functools.cached_property
-    def settings(self) -> Any:
-        from .data import PreprocessSettings
-
+    def settings(self) -> PreprocessSettings:
         return PreprocessSettings.from_config(self.cfg)
 
-    def runner(self, backend: str, precision: str = "fp32") -> Any:
-        from .backends import get_backend
+    def dataset(self, datasets_dir: str | None = None, max_images: int | None = None
+                ) -> CocoDetectionSet:
+        return self.entry.dataset(self.artifacts.store.root, datasets_dir, max_images)
 
+    def runner(self, backend: str, precision: str = "fp32") -> Runner:
         if (backend, precision) not in self._runners:
             self._runners[backend, precision] = get_backend(backend).prepare(
                 self.artifacts, precision=precision, threads=self.threads)
         return self._runners[backend, precision]
 
-    def postprocessor(self, cat_ids: list[int] | None = None) -> Any:
-        from .postprocess import Postprocessor
-
+    def postprocessor(self, cat_ids: list[int] | None = None) -> Postprocessor:
         if cat_ids is None and self.entry.embedded:
-            from .synthetic import DEFAULT_CATEGORIES
-
             cat_ids = sorted(c for c, _ in DEFAULT_CATEGORIES)
         return Postprocessor(self.cfg, cat_ids)
+
+
+def resolve_bundle(model: str, expectations: Expectations, store: ArtifactStore, *,
+                   weight: str | os.PathLike[str] | None = None,
+                   cfg: str | os.PathLike[str] | None = None, trust_checkpoint: bool = False,
+                   threads: int | None = None) -> ModelBundle:
+    """The one way the CLI and the test suite turn options into a model: ``model``'s entry,
+    the user's config and weights in place of its own, artifacts in ``store``."""
+    entry = get_model(model)
+    spec = entry.spec(weight, cfg, trust_checkpoint)
+    return ModelBundle(entry, spec, store, expectations.number("simplify.rel_err_max"), threads)

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
-from .parity import rel_errs
+from ..core.onnxfile import load_onnx
+from ..parity import rel_errs
 
 
 def _ort_outputs(model_bytes: bytes, x: np.ndarray) -> tuple[list[str], list[np.ndarray]]:
@@ -34,10 +34,7 @@ def simplify_onnx(src: str | Path, dst: str | Path, rel_err_max: float,
     import onnxsim
 
     src, dst = Path(src), Path(dst)
-    try:
-        model = onnx.load(str(src))
-    except Exception as e:
-        raise UserError(f"{src} is not a readable ONNX model: {e}") from None
+    model = load_onnx(src)
     t0 = time.perf_counter()
     # A dynamic batch dim stays symbolic; onnxsim checks on a concrete shape of its own.
     simplified, ok = onnxsim.simplify(model)

@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import UserError
 
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "fixtures" / "expectations.toml"
+DEFAULT_PATH = Path(__file__).resolve().parents[2] / "fixtures" / "expectations.toml"
 
 
 class Expectations:

@@ -5,6 +5,11 @@ hashes, settings, library versions). A build happens under a file lock (so xdist
 parallel processes build it once), in a temporary directory that is renamed into place only
 when complete, with a manifest of the file hashes written last; a directory whose files do not
 match its manifest (a killed build, a disk error) is never used and is rebuilt.
+
+The cache holds shared libraries that are loaded (TVM engines, the oneDNN shim), so it is
+private: the root, stage and entry directories are created 0700, and one owned by another
+user or writable by group or others is refused, never loaded (ancestors are not checked: a
+private root under /tmp is fine).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +54,33 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return _file_hash_memo[memo_key]
 
 
+def check_private(path: Path, what: str) -> None:
+    """Refuse a directory that someone else could have written: owned by another user, or
+    writable by group or others. ``path`` is stat'ed without following a final symlink."""
+    st = path.lstat()
+    fix = ("point SSD_PIPELINE_CACHE or --cache-dir at a directory of your own, or remove "
+           f"{path} and let the suite create it again")
+    if stat.S_ISLNK(st.st_mode):
+        raise UserError(f"{what} {path} is a symbolic link, which the cache never creates: {fix}")
+    if st.st_uid != os.geteuid():
+        raise UserError(f"{what} {path} is owned by uid {st.st_uid}, not by you "
+                        f"(uid {os.geteuid()}): the suite loads code from its cache and uses "
+                        f"only a cache of your own; {fix}")
+    if st.st_mode & 0o022:
+        raise UserError(f"{what} {path} is writable by group or others (mode "
+                        f"{stat.S_IMODE(st.st_mode):04o}): anyone who can write it can plant "
+                        f"code the suite would load; run 'chmod go-w {path}' or {fix}")
+
+
+def _private_mkdir(path: Path) -> None:
+    """mkdir 0700 (explicitly: the umask could only narrow it, but say what we mean)."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        return
+    os.chmod(path, 0o700)
+
+
 def key_of(inputs: dict[str, Any]) -> str:
     """Stable hash of a JSON-able description of what an artifact is built from."""
     blob = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
@@ -66,9 +99,14 @@ class ArtifactStore:
     """Builds and finds artifacts under ``root/<stage>/<key>/``."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
-        self.root = Path(root) if root is not None else default_cache_dir()
+        root = Path(root) if root is not None else default_cache_dir()
+        self.root = root
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            root.parent.mkdir(parents=True, exist_ok=True)
+            _private_mkdir(root)
+            # the root may be a symlink the user made (a cache on another disk): follow it
+            self.root = root.resolve()
+            check_private(self.root, "cache directory")
             probe = self.root / f".write-probe-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
@@ -99,6 +137,11 @@ class ArtifactStore:
 
     @staticmethod
     def _valid(d: Path) -> bool:
+        """Complete and intact; a directory that is there but not private is refused."""
+        if not d.exists() and not d.is_symlink():
+            return False
+        check_private(d.parent, "cache stage directory")
+        check_private(d, "cache entry")
         m = d / MANIFEST
         if not m.is_file():
             return False
@@ -123,16 +166,17 @@ class ArtifactStore:
         final = self.root / stage / key
         if self._valid(final):
             return final
-        final.parent.mkdir(parents=True, exist_ok=True)
+        _private_mkdir(final.parent)
+        check_private(final.parent, "cache stage directory")
         with FileLock(str(final) + ".lock"):
             if self._valid(final):  # another process built it while we waited
                 return final
-            if final.exists():  # left by a killed build or corrupted: never trusted
+            if final.exists():  # left by a killed build or corrupted: never used
                 self._log("discard-invalid", stage, key)
                 shutil.rmtree(final)
             tmp = final.parent / f".tmp-{key[:16]}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
+            _private_mkdir(tmp)
             t0 = time.perf_counter()
             self._log("build-start", stage, key)
             try:

@@ -22,7 +22,10 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ..core.cache import ArtifactStore, file_sha256
+from ..core.errors import UserError
+from ..core.host import cpu_flags, default_threads, host_cpu
+from ..core.onnxfile import load_onnx
 
 # Bump when the pass pipeline changes: it is part of every engine's cache key.
 PIPELINE_VERSION = 1
@@ -32,23 +35,6 @@ INPUT_CHW = (3, 300, 300)
 MIN_OPSET = 11  # what the exporter and TVM's ONNX frontend are exercised with (we write 13)
 PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16")}
 OFFLOADS = {"cpu": ("dnnl", "none"), "cuda": ("none",)}
-
-
-def host_cpu() -> str:
-    """LLVM's name for this CPU (the wheel's LLVM rejects -mcpu=native)."""
-    import tvm
-
-    return str(tvm.target.codegen.llvm_get_system_cpu())
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 @dataclass(frozen=True)
@@ -81,8 +67,6 @@ class EngineSpec:
     def tvm_target(self) -> Any:
         import tvm
 
-        from .backends.base import default_threads
-
         if self.target == "cuda":
             return tvm.target.Target({"kind": "cuda", "arch": self.cuda_arch},
                                      host={"kind": "llvm"})
@@ -106,11 +90,7 @@ def import_onnx(onnx_path: str | Path, batch: int | None) -> tuple[Any, list[str
     from tvm.relax.frontend.onnx import from_onnx
 
     onnx_path = Path(onnx_path)
-    try:
-        model = onnx.load(str(onnx_path))
-    except Exception as e:
-        raise UserError(f"{onnx_path} is not a readable ONNX model ({type(e).__name__}); "
-                        "export it again") from None
+    model = load_onnx(onnx_path)
     inputs = [i for i in model.graph.input
               if i.name not in {init.name for init in model.graph.initializer}]
     if len(inputs) != 1:
@@ -206,7 +186,6 @@ def build_engine(onnx_path: str | Path, spec: EngineSpec, out_dir: str | Path,
     """Compile ``onnx_path`` for ``spec`` into ``out_dir``; return the engine record."""
     import tvm
 
-    from .cache import file_sha256
     from .kernels import load_shim
 
     out_dir = Path(out_dir)
@@ -265,8 +244,6 @@ def load_engine(engine_dir: str | Path, spec: EngineSpec, shim: Path | None = No
         raise UserError("running a CUDA engine needs a CUDA GPU and a CUDA-enabled TVM runtime;"
                         " this TVM build runs CPU engines only (CUDA engines compile here)")
     if record.get("shim_sha256"):
-        from .cache import file_sha256
-
         if shim is None or file_sha256(shim) != record["shim_sha256"]:
             raise UserError(f"engine {engine_dir} needs the oneDNN shim it was built with "
                             "(sha256 mismatch): rebuild the engine")
@@ -275,3 +252,22 @@ def load_engine(engine_dir: str | Path, spec: EngineSpec, shim: Path | None = No
         shim_mod = None
     lib = tvm.runtime.load_module(str(engine_dir / ENGINE_FILE))
     return Engine(relax.VirtualMachine(lib, tvm.cpu()), record, engine_dir, shim_mod)
+
+
+def cached_engine_dir(store: ArtifactStore, onnx_path: Path, spec: EngineSpec) -> Path:
+    """The engine directory for (``onnx_path``, ``spec``), compiled once per content key."""
+    from .kernels import build_shim
+
+    shim = build_shim(store) if spec.offload == "dnnl" else None
+    inputs = {"onnx_sha256": file_sha256(onnx_path), "engine": spec.key(),
+              "shim_sha256": file_sha256(shim) if shim else None}
+    return store.get_or_build(
+        "tvm-engine", inputs, lambda tmp: build_engine(onnx_path, spec, tmp, shim))
+
+
+def cached_engine(store: ArtifactStore, onnx_path: Path, spec: EngineSpec) -> Engine:
+    """The loaded engine for (``onnx_path``, ``spec``), compiled first if the cache has none."""
+    from .kernels import build_shim
+
+    shim = build_shim(store) if spec.offload == "dnnl" else None
+    return load_engine(cached_engine_dir(store, onnx_path, spec), spec, shim)

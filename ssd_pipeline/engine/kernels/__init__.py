@@ -13,8 +13,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from ..cache import ArtifactStore, file_sha256
-from ..errors import UserError
+from ...core.cache import ArtifactStore, file_sha256
+from ...core.errors import UserError
 
 SOURCE = Path(__file__).with_name("dnnl_conv.cc")
 LIB_NAME = "ssd_dnnl.so"

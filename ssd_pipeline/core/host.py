@@ -1,0 +1,79 @@
+"""Facts about this host that every layer reads: CPU flags, LLVM's name for the CPU, the
+cores this process may use, which reduced precisions the CPU offers, library versions."""
+
+from __future__ import annotations
+
+import functools
+import os
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The ``flags`` line of /proc/cpuinfo (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name, from /proc/cpuinfo."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def host_cpu() -> str:
+    """LLVM's name for this CPU (TVM's bundled LLVM rejects -mcpu=native)."""
+    import tvm
+
+    return str(tvm.target.codegen.llvm_get_system_cpu())
+
+
+def default_threads() -> int:
+    """Cores this process may use (affinity-aware, unlike os.cpu_count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def cpu_precisions() -> tuple[str, ...]:
+    """fp32, plus bf16 where the CPU has avx512_bf16 (what bf16 kernels need to be fast)."""
+    return ("fp32", "bf16") if "avx512_bf16" in cpu_flags() else ("fp32",)
+
+
+def versions(*packages: str) -> dict[str, str]:
+    """Installed version of each package ("not installed" where it is missing)."""
+    out = {}
+    for p in packages:
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            out[p] = "not installed"
+    return out
+
+
+STACK = ("torch", "mmdet", "mmcv", "onnx", "onnxsim", "onnxruntime", "apache-tvm", "openvino",
+         "pycocotools")
+
+
+def machine_info() -> dict[str, object]:
+    """What a speed number depends on: CPU, the flags that matter, threads, library versions."""
+    flags = cpu_flags()
+    try:
+        llvm = host_cpu()
+    except ImportError:
+        llvm = "unknown (TVM not installed)"
+    return {"cpu_model": cpu_model(), "llvm_cpu": llvm, "threads": default_threads(),
+            "avx512_bf16": "avx512_bf16" in flags, "avx512_vnni": "avx512_vnni" in flags,
+            "amx_bf16": "amx_bf16" in flags, "versions": versions(*STACK)}

@@ -1,0 +1,181 @@
+"""Speed, measured one way for everyone: the perf tests (through pytest-benchmark), the
+``bench`` command and the main job all make their records here.
+
+Engine-only is the original's number (input prepared, no pre/post-processing); end-to-end is
+JPEG decode + preprocessing (threads, ahead) + engine + mmdet decode/NMS. Ratios are to ONNX
+Runtime fp32 at the same batch in the same run: absolute times drift on shared machines.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..backends import Runner
+from ..core.host import machine_info
+from ..core.timing import conv_gflop_per_image, measure, rounds_for, summarize
+from ..data import ImageRecord, PreprocessSettings, batches
+from ..postprocess import Postprocessor
+from .evaluate import predict
+from .models import ModelBundle
+
+REFERENCE = ("onnxruntime", "fp32")  # what every speed ratio is taken against
+RECORDS_FORMAT = "ssd_pipeline.speed/1"
+
+# ``timer(fn, rounds)`` -> seconds per call: pytest-benchmark's in the perf tests, ours
+# elsewhere. Either way the rounds are sized by the same rule.
+Timer = Callable[[Callable[[], Any], int], list[float]]
+
+
+def own_timer(fn: Callable[[], Any], rounds: int) -> list[float]:
+    return measure(fn, 0, rounds)
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    warmup: int = 1  # untimed calls first
+    seconds: float = 3.0  # target length of one measurement: rounds are sized to it
+    min_rounds: int = 3
+    max_rounds: int = 200
+
+
+@dataclass
+class SpeedRecord:
+    """One measurement: flat, units in the key names (timm's benchmark.py style)."""
+
+    mode: str  # "engine-only" or "end-to-end"
+    backend: str
+    precision: str
+    batch: int
+    threads: int
+    rounds: int
+    images_per_s: float
+    latency_ms_mean: float
+    latency_ms_min: float
+    latency_ms_max: float
+    latency_ms_p50: float  # per call of ``batch`` images
+    latency_ms_p90: float
+    latency_ms_p99: float
+    gflop_per_image: float | None = None
+    gflops: float | None = None  # GFLOP/s of the convolutions
+    onnxruntime_images_per_s: float | None = None
+    ratio_vs_onnxruntime: float | None = None
+    engine_only_images_per_s: float | None = None  # end-to-end only
+    ratio_vs_engine_only: float | None = None
+    images_per_call: int | None = None  # end-to-end only
+    runner: dict[str, Any] = field(default_factory=dict)  # the runner's own record
+    model: dict[str, Any] = field(default_factory=dict)  # weights and how they were read
+
+    def as_dict(self) -> dict[str, Any]:
+        """Flat: what pytest-benchmark's extra_info and the records file hold."""
+        d = asdict(self)
+        return {**d.pop("runner"), **d.pop("model"), **d}
+
+
+def tile_batch(array: np.ndarray, batch: int) -> np.ndarray:
+    """``batch`` rows from a preprocessed batch (its images repeat as needed)."""
+    return np.ascontiguousarray(np.resize(array, (batch, *array.shape[1:])))
+
+
+class SpeedLog:
+    """The speed measurements of one run, so that every ratio uses ONNX Runtime's number from
+    the same run (measured on demand when its own case has not run yet)."""
+
+    def __init__(self, runner_for: Callable[[str, str], Runner],
+                 input_for: Callable[[int], np.ndarray], settings: BenchSettings,
+                 gflop_per_image: float, model: dict[str, Any] | None = None) -> None:
+        self.runner_for, self.input_for = runner_for, input_for
+        self.settings, self.gflop_per_image = settings, gflop_per_image
+        self.model = model or {}
+        self.engine_only_records: dict[tuple[str, str, int], SpeedRecord] = {}
+        self.records: list[SpeedRecord] = []
+
+    def _sample(self, fn: Callable[[], Any], timer: Timer | None) -> list[float]:
+        s = self.settings
+        first = measure(fn, s.warmup, 1)[0]
+        return (timer or own_timer)(fn, rounds_for(first, s.seconds, s.min_rounds,
+                                                   s.max_rounds))
+
+    def _record(self, mode: str, runner: Runner, samples: list[float], batch: int,
+                **extra: Any) -> SpeedRecord:
+        stats = summarize(samples, batch)
+        rec = SpeedRecord(mode=mode, backend=runner.backend, precision=runner.precision,
+                          threads=runner.threads, runner=dict(runner.info), model=self.model,
+                          **stats, **extra)
+        self.records.append(rec)
+        return rec
+
+    def reference_images_per_s(self, batch: int) -> float:
+        """ONNX Runtime fp32 img/s at ``batch`` in this run."""
+        key = (*REFERENCE, batch)
+        if key not in self.engine_only_records:
+            self.engine_only(*REFERENCE, batch)
+        return self.engine_only_records[key].images_per_s
+
+    def engine_only(self, backend: str, precision: str, batch: int,
+                    timer: Timer | None = None) -> SpeedRecord:
+        key = (backend, precision, batch)
+        if timer is None and key in self.engine_only_records:  # measured once per run
+            return self.engine_only_records[key]
+        runner = self.runner_for(backend, precision)
+        x = self.input_for(batch)
+        samples = self._sample(lambda: runner.run(x), timer)
+        ips = batch / float(np.mean(samples))
+        ref = ips if (backend, precision) == REFERENCE else self.reference_images_per_s(batch)
+        rec = self._record("engine-only", runner, samples, batch,
+                           gflop_per_image=self.gflop_per_image,
+                           gflops=ips * self.gflop_per_image, onnxruntime_images_per_s=ref,
+                           ratio_vs_onnxruntime=ips / ref)
+        self.engine_only_records[key] = rec
+        return rec
+
+    def end_to_end(self, backend: str, precision: str, batch: int, images: list[ImageRecord],
+                   post: Postprocessor, preprocess: PreprocessSettings,
+                   timer: Timer | None = None) -> SpeedRecord:
+        """``images`` (at least two batches: decoding one overlaps the engine on the other)
+        through the whole data path; latencies per batch, comparable with engine-only."""
+        runner = self.runner_for(backend, precision)
+        n = len(images)
+
+        def job() -> None:
+            dets, _ = predict(runner, images, post, preprocess, batch)
+            if len(dets) != n:
+                raise AssertionError(f"got detections for {len(dets)} images, expected {n}")
+
+        samples = [s * batch / n for s in self._sample(job, timer)]
+        key = (backend, precision, batch)
+        engine = self.engine_only_records.get(key) or self.engine_only(backend, precision, batch)
+        ips = batch / float(np.mean(samples))
+        return self._record("end-to-end", runner, samples, batch,
+                            engine_only_images_per_s=engine.images_per_s,
+                            ratio_vs_engine_only=ips / engine.images_per_s,
+                            images_per_call=n)
+
+
+def first_batch(images: list[ImageRecord], settings: PreprocessSettings,
+                size: int) -> np.ndarray:
+    """The first ``size`` images, preprocessed: what engine-only timing feeds the runners."""
+    return next(batches(images[:size], size, settings)).array
+
+
+def speed_log_for(bundle: ModelBundle, first: np.ndarray, settings: BenchSettings
+                  ) -> SpeedLog:
+    """A :class:`SpeedLog` for ``bundle``'s runners, fed with the preprocessed batch ``first``
+    (its images repeated to fill larger batches); GFLOP per image from the simplified ONNX."""
+    return SpeedLog(bundle.runner, lambda b: tile_batch(first, b), settings,
+                    conv_gflop_per_image(str(bundle.artifacts.simplified_onnx_path)),
+                    bundle.spec.provenance())
+
+
+def write_records(path: Path, records: list[SpeedRecord]) -> Path:
+    """The records file (``bench`` and the main job): records plus the machine they ran on.
+    ``report`` reads it, as it reads pytest-benchmark's JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"format": RECORDS_FORMAT, "machine": machine_info(),
+                                "records": [r.as_dict() for r in records]}, indent=1))
+    return path
