@@ -4,6 +4,7 @@ build artifacts once per run (content-keyed cache, shared by xdist workers via f
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,16 @@ from ssd_pipeline.core.errors import UserError
 EXPECTATIONS = pytest.StashKey[Any]()
 ACCURACY_RECORDS = pytest.StashKey[list]()
 ACCURACY_PATH = pytest.StashKey[Path]()
+
+
+def under_xdist(config: pytest.Config) -> bool:
+    """Tests run in xdist workers (the controller with -n, or a worker itself)."""
+    return bool(getattr(config.option, "numprocesses", None)) or hasattr(config, "workerinput")
+
+
+def selects_perf(markexpr: str) -> bool:
+    """-m asks for perf tests by name (``perf``, ``perf and ...``), not ``not perf``."""
+    return bool(re.search(r"(?<!not )\bperf\b", markexpr or ""))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -44,6 +55,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--expectations", default=None, help="expectations TOML (default fixtures/)")
     g.addoption("--expect", action="append", default=[], metavar="KEY=VALUE",
                 help="override one expectation, e.g. accuracy.ssd300_coco.map_50_min=0.44")
+    g.addoption("--perf-model", default="ssd300",
+                help="the model the perf tests time (default ssd300; tiny: the embedded model, "
+                     "with its own floors)")
     g.addoption("--perf-batches", default="1,8,32",
                 help="batch sizes of the perf tests (default 1,8,32)")
     g.addoption("--perf-e2e-batches", default="1,8",
@@ -73,6 +87,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"checkpoint_load={'trusted' if opt.trust_checkpoint else 'weights_only'} "
         f"datasets_dir={opt.datasets_dir or '(unset)'} require_data={opt.require_data}",
         *(f"ssd_pipeline: override {e}" for e in opt.expect),
+        *(["ssd_pipeline: perf tests are deselected under -n (pytest-benchmark is off in xdist "
+           "workers): run 'pytest -m perf' without -n"] if under_xdist(config) else []),
     ]
 
 
@@ -84,12 +100,15 @@ def pytest_configure(config: pytest.Config) -> None:
             raise UserError("--batch-size and --threads must be positive")
         from ssd_pipeline.core.expectations import Expectations
 
-
         config.stash[EXPECTATIONS] = Expectations.load(config.option.expectations,
                                                        config.option.expect)
         selected_backends(config)
     except UserError as e:
         raise pytest.UsageError(str(e)) from None
+    if under_xdist(config) and selects_perf(config.option.markexpr):
+        raise pytest.UsageError(
+            "-m perf under -n: pytest-benchmark is off in xdist workers, so every speed test "
+            "would skip and the run would be green; run the perf tests without -n")
 
 
 def selected_backends(config: pytest.Config) -> list[str]:
@@ -166,12 +185,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect the tests about a backend that --backends left out."""
+    """Deselect the tests about a backend that --backends left out, and the speed tests
+    under -n (they could only skip there; the summary says so)."""
     selected = set(selected_backends(config))
+    xdist = under_xdist(config)
     keep, drop = [], []
     for item in items:
         needs = {m.args[0] for m in item.iter_markers("backend")}
-        (keep if needs <= selected else drop).append(item)
+        is_perf = xdist and item.get_closest_marker("perf") is not None
+        (keep if needs <= selected and not is_perf else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
@@ -193,6 +215,55 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.section("ssd_pipeline accuracy")
         terminalreporter.write_line(format_table(records))
         terminalreporter.write_line(f"records: {config.stash[ACCURACY_PATH]}")
+
+
+def _parts_dir(config: pytest.Config) -> Path:
+    return Path(config.option.records_dir) / "accuracy.parts"
+
+
+def write_record_part(config: pytest.Config, record: dict[str, Any]) -> None:
+    """One accuracy record per (model, backend, precision), in a file of its own (written
+    atomically): xdist workers never overwrite each other's; the session merges them."""
+    import json
+
+    d = _parts_dir(config)
+    d.mkdir(parents=True, exist_ok=True)
+    name = f"{record['model']}-{record['backend']}-{record['precision']}.json"
+    tmp = d / f".{name}.{os.getpid()}"
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, d / name)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not hasattr(session.config, "workerinput"):  # the controller, or a plain run
+        import shutil
+
+        shutil.rmtree(_parts_dir(session.config), ignore_errors=True)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Merge this session's accuracy records (from every worker) into accuracy.json."""
+    config = session.config
+    parts = _parts_dir(config)
+    if hasattr(config, "workerinput") or not parts.is_dir():
+        return
+    import json
+
+    records = [json.loads(p.read_text()) for p in sorted(parts.glob("*.json"))]
+    out = Path(config.option.records_dir) / "accuracy.json"
+    out.write_text(json.dumps(records, indent=1))
+    config.stash[ACCURACY_RECORDS] = records
+    config.stash[ACCURACY_PATH] = out
+
+
+def progress_stream(config: pytest.Config) -> Any:
+    """Where a long test shows its progress (images done, img/s, ETA): the real terminal,
+    past pytest's capture, when there is one and no xdist worker shares it; else nowhere."""
+    import sys
+
+    tty = sys.__stderr__ is not None and sys.__stderr__.isatty()
+    return sys.__stderr__ if tty and not under_xdist(config) else False
 
 
 def missing_data(config: pytest.Config, reason: str) -> None:

@@ -23,5 +23,10 @@ case "$precision" in
   bf16|fp32) ;;
   *) echo "error: unknown precision $precision (auto, fp16, bf16 or fp32)" >&2; exit 2 ;;
 esac
+MODEL=${MODEL:-ssd300}
+case "$MODEL" in
+  ssd300|tiny) ;;
+  *) echo "error: unknown MODEL=$MODEL (ssd300, the default as in the original, or tiny)" >&2; exit 2 ;;
+esac
 trust_args=()
 [ "${TRUST_CHECKPOINT:-0}" = 1 ] && trust_args=(--trust-checkpoint)

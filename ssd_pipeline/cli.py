@@ -203,9 +203,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     batches = _batches(args.perf_batches, "--perf-batches")
     settings = _bench_settings(args)
     bundle = make_bundle(args)
-    run_job(bundle, _cases(args), args.datasets_dir, args.max_images, args.batch_size,
-            batches, settings, args.out)
-    return 0
+    summary = run_job(bundle, _cases(args), args.datasets_dir, args.max_images,
+                      args.batch_size, batches, settings, args.out)
+    return 1 if any(v["status"] == "FAIL" for v in summary["verdicts"]) else 0
 
 
 def cmd_roofline(args: argparse.Namespace) -> int:

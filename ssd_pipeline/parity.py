@@ -67,19 +67,27 @@ class MatchReport:
                 f"min IoU {self.min_iou:.4f}, max |score diff| {self.max_score_diff:.2e}")
 
 
-def match_detections(got: Any, ref: Any, iou_min: float, score_atol: float,
-                     score_thr: float) -> MatchReport:
-    """Greedy match, highest reference score first, within each label.
+def cut_off(scores: np.ndarray, score_thr: float, max_per_img: int | None) -> float:
+    """The score below which one side dropped detections: ``score_thr``, or the lowest score
+    it kept when ``max_per_img`` truncated its list."""
+    if max_per_img is not None and len(scores) >= max_per_img:
+        return max(score_thr, float(np.min(scores)))
+    return score_thr
 
-    ``got``/``ref`` have ``boxes`` (N,4), ``scores`` (N,), ``labels`` (N,). An unmatched
-    detection is *borderline* (allowed) when its score is within ``score_atol`` of the cut-off
-    below which the other side dropped detections (``score_thr``, or the lowest score it kept
-    when ``max_per_img`` truncated it).
+
+def match_detections(got: Any, ref: Any, iou_min: float, score_atol: float,
+                     score_thr: float, max_per_img: int | None = None) -> MatchReport:
+    """Greedy match, highest reference score first, within each label; both directions count.
+
+    ``got``/``ref`` have ``boxes`` (N,4), ``scores`` (N,), ``labels`` (N,). Every detection of
+    either side must be matched, except a *borderline* one: its score within ``score_atol`` of
+    the cut-off of the other side (:func:`cut_off`), above or below, where a difference that
+    small decides whether it survives.
     """
     rep = MatchReport()
     used = np.zeros(len(got.scores), bool)
-    got_cut = max(score_thr, float(got.scores.min()) if len(got.scores) else score_thr)
-    ref_cut = max(score_thr, float(ref.scores.min()) if len(ref.scores) else score_thr)
+    got_cut = cut_off(np.asarray(got.scores), score_thr, max_per_img)
+    ref_cut = cut_off(np.asarray(ref.scores), score_thr, max_per_img)
     ious = box_iou(ref.boxes, got.boxes)
     for i in np.argsort(-np.asarray(ref.scores), kind="stable"):
         cand = np.flatnonzero((got.labels == ref.labels[i]) & ~used)
@@ -93,7 +101,7 @@ def match_detections(got: Any, ref: Any, iou_min: float, score_atol: float,
         if best is None:
             s = float(ref.scores[i])
             rep.unmatched_ref.append((int(ref.labels[i]), s))
-            rep.borderline += s <= got_cut + score_atol
+            rep.borderline += abs(s - got_cut) <= score_atol
             continue
         used[best] = True
         rep.matched += 1
@@ -103,5 +111,5 @@ def match_detections(got: Any, ref: Any, iou_min: float, score_atol: float,
     for j in np.flatnonzero(~used):
         s = float(got.scores[j])
         rep.unmatched_got.append((int(got.labels[j]), s))
-        rep.borderline += s <= ref_cut + score_atol
+        rep.borderline += abs(s - ref_cut) <= score_atol
     return rep

@@ -59,6 +59,11 @@ class Postprocessor:
     def score_thr(self) -> float:
         return float(self.head.test_cfg.get("score_thr", 0.0))
 
+    @property
+    def max_per_img(self) -> int | None:
+        value = self.head.test_cfg.get("max_per_img")
+        return int(value) if value else None
+
     def __call__(self, outputs: list[np.ndarray], metas: list[ImageMeta]) -> list[Detections]:
         """``outputs``: 12 arrays (6 cls maps, 6 box maps), batch rows >= len(metas)."""
         import torch

@@ -24,13 +24,13 @@ def assert_raw_parity(got: list[np.ndarray], ref: list[np.ndarray], names: list[
 
 def assert_detection_parity(got_dets: list[Any], ref_dets: list[Any], iou_min: float,
                             score_atol: float, score_thr: float, record: Any = None,
-                            match_min: float = 1.0) -> None:
+                            match_min: float = 1.0, max_per_img: int | None = None) -> None:
     """Per image, detections match by label and IoU (borderline cut-off ones excepted, or at
     least ``match_min`` of them matched), and the reference is not empty (a parity test on
     zero detections would prove nothing)."""
     total = sum(len(d) for d in ref_dets)
     assert total > 0, "the reference produced no detections: nothing was compared"
-    reports = [match_detections(g, r, iou_min, score_atol, score_thr)
+    reports = [match_detections(g, r, iou_min, score_atol, score_thr, max_per_img)
                for g, r in zip(got_dets, ref_dets, strict=True)]
     if record is not None:
         record("detections", [r.summary() for r in reports])

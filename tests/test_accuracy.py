@@ -9,14 +9,11 @@ its records (all 12 metrics, unrounded) to <records-dir>/accuracy.json.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
-from conftest import ACCURACY_PATH, ACCURACY_RECORDS, missing_data
+from conftest import missing_data, progress_stream, write_record_part
 from ssd_pipeline.core.errors import UserError
-from ssd_pipeline.core.gates import require_at_least, require_at_most
+from ssd_pipeline.core.gates import require
 
 pytestmark = pytest.mark.accuracy
 
@@ -52,10 +49,6 @@ def accuracy_of(pytestconfig, bundles, eval_set):
     from ssd_pipeline.suite.evaluate import accuracy_record
 
     cache: dict = {}
-    records: list = []
-    out = Path(pytestconfig.option.records_dir) / "accuracy.json"
-    pytestconfig.stash[ACCURACY_RECORDS] = records
-    pytestconfig.stash[ACCURACY_PATH] = out
 
     def get(model: str, backend: str, precision: str) -> dict:
         key = (model, backend, precision)
@@ -64,11 +57,10 @@ def accuracy_of(pytestconfig, bundles, eval_set):
             b = bundles(model)
             rec = accuracy_record(b.runner(backend, precision), dataset,
                                   b.postprocessor(dataset.cat_ids), b.settings,
-                                  pytestconfig.option.batch_size, b.spec.provenance())
+                                  pytestconfig.option.batch_size, b.spec.provenance(),
+                                  progress=progress_stream(pytestconfig))
             cache[key] = rec | {"model": model}
-            records.append(cache[key])
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(records, indent=1))
+            write_record_part(pytestconfig, cache[key])
         return cache[key]
 
     return get
@@ -80,18 +72,14 @@ def test_accuracy(model_name, backend_name, precision, accuracy_of, bundles, exp
     m = rec["metrics"]
     record_property("metrics", {k: v for k, v in m.items() if k.startswith("bbox_")})
     key = bundles(model_name).entry.expectations_key
-    require_at_least("mAP@0.5", m["bbox_mAP_50"], expectations.number(f"{key}.map_50_min"),
-                     expectations.source(f"{key}.map_50_min"))
-    require_at_least("mAP@0.5:0.95", m["bbox_mAP"], expectations.number(f"{key}.map_min"),
-                     expectations.source(f"{key}.map_min"))
+    require(expectations, f"{key}.map_50_min", "mAP@0.5", m["bbox_mAP_50"])
+    require(expectations, f"{key}.map_min", "mAP@0.5:0.95", m["bbox_mAP"])
 
 
 def test_accuracy_drop_vs_torch(model_name, compared_backend, precision, accuracy_of,
                                 expectations):
     ref = accuracy_of(model_name, "torch", "fp32")["metrics"]
     got = accuracy_of(model_name, compared_backend, precision)["metrics"]
-    limit_key = f"accuracy.drop_vs_torch.{precision}_max"
     for stat in ("bbox_mAP", "bbox_mAP_50"):
-        require_at_most(f"{stat} drop vs torch ({compared_backend}/{precision})",
-                        ref[stat] - got[stat], expectations.number(limit_key),
-                        expectations.source(limit_key))
+        require(expectations, f"accuracy.drop_vs_torch.{precision}_max",
+                f"{stat} drop vs torch ({compared_backend}/{precision})", ref[stat] - got[stat])

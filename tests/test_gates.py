@@ -83,17 +83,55 @@ def test_require_data_turns_skip_into_failure(tmp_path):
     assert "--require-data: no COCO val2017" in failed.stdout
 
 
+def check_benchmark_json(data: dict) -> None:
+    """The --benchmark-json file is a contract: what report, baselines and users read."""
+    host = data["machine_info"]["ssd_pipeline"]
+    assert {"cpu_model", "llvm_cpu", "threads", "avx512_bf16", "versions"} <= host.keys(), host
+    assert data["commit_info"].get("id") or data["commit_info"].get("error"), data["commit_info"]
+    (bench,) = data["benchmarks"]
+    info = bench["extra_info"]
+    for key in ("images_per_s", "latency_ms_p50", "latency_ms_p90", "latency_ms_p99",
+                "gflops", "gflop_per_image", "ratio_vs_onnxruntime", "onnxruntime_images_per_s"):
+        assert isinstance(info[key], float) and info[key] > 0, (key, info.get(key))
+    assert info["mode"] == "engine-only" and info["batch"] == 1 and info["rounds"] >= 3
+    assert (info["backend"], info["precision"], info["device"]) == ("tvm", "fp32", "cpu")
+    assert info["target"].startswith("llvm -mcpu=") and info["engine_batch"] == "dynamic"
+    assert info["weights"].startswith("random-init") and info["checkpoint_load"] == "none"
+    assert bench["stats"]["rounds"] == info["rounds"]
+
+
 def test_perf_floor_fails_above_and_passes_below(tmp_path):
     """A speed floor is a gate too: "got X img/s, expected >= Y" and exit 1 when missed."""
     base = [sys.executable, "-m", "pytest", "tests/test_perf.py", "-q", "-p", "no:cacheprovider",
             "-k", "engine_only and tvm-fp32", "--backends", "onnxruntime,tvm",
             "--perf-batches", "1", "--perf-seconds", "0.3"]
     env = child_env()
-    ok = subprocess.run([*base, "--expect", "perf.cpu.tvm_fp32_min_ratio=0.01"], cwd=ROOT,
+    bench_json = tmp_path / "bench.json"
+    ok = subprocess.run([*base, "--expect", "perf.cpu.tvm_fp32_min_ratio=0.01",
+                         "--benchmark-json", str(bench_json)], cwd=ROOT,
                         capture_output=True, text=True, timeout=600, env=env)
     assert ok.returncode == 0, ok.stdout[-3000:]
+    check_benchmark_json(json.loads(bench_json.read_text()))
     bad = subprocess.run([*base, "--expect", "perf.cpu.tvm_fp32_min_ratio=100"], cwd=ROOT,
                          capture_output=True, text=True, timeout=600, env=env)
     assert bad.returncode == 1, bad.stdout[-3000:]
     assert "tvm/fp32 engine-only batch 1 img/s: got" in bad.stdout
     assert "expected >=" in bad.stdout and "100.0 x onnxruntime" in bad.stdout, bad.stdout[-2000:]
+
+
+@pytest.mark.parametrize("got,passes", [(0.4354, False), (0.4356, True), (0.4358, True),
+                                        (0.436, True), (float("nan"), False)])
+def test_published_floor_is_met_at_published_precision(got, passes, expectations):
+    """SSD300's 0.436 was published rounded to 3 decimals (mmdet's CocoMetric): a true 0.4356
+    meets it, 0.4354 does not, and the message states the rule."""
+    key = "accuracy.ssd300_coco"
+    decimals = expectations.number(f"{key}.decimals")
+    assert decimals == 3
+    floor = expectations.number(f"{key}.map_50_min")
+    if passes:
+        require_at_least("mAP@0.5", got, floor, decimals=int(decimals))
+    else:
+        with pytest.raises(GateFailure, match=r"expected >= 0\.4360"):
+            require_at_least("mAP@0.5", got, floor, decimals=int(decimals))
+    with pytest.raises(GateFailure, match=r"0\.4359 \(0\.436 at the published 3 decimals\)"):
+        require_at_least("mAP@0.5", 0.4359, 0.437, decimals=3)

@@ -60,3 +60,32 @@ def test_accuracy_is_deterministic(bundles, store):
                             tiny.postprocessor(dataset.cat_ids), tiny.settings, 8,
                             {"weights": "determinism"})["metrics"] for _ in range(2)]
     assert runs[0] == runs[1]
+
+
+def test_accuracy_records_survive_xdist(tmp_path):
+    """pytest -n 2: each worker writes its records in files of their own and the session
+    merges them; every (model, backend, precision) of the run is in accuracy.json, once."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-n", "2", "-q", "-p", "no:cacheprovider",
+         "tests/test_accuracy.py", "-m", "accuracy", "--models", "tiny", "--backends",
+         "torch,onnxruntime,tvm", "--precisions", "fp32", "--max-images", "16",
+         "--batch-size", "8", "--records-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env=child_env())
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    records = json.loads((tmp_path / "accuracy.json").read_text())
+    got = sorted((r["model"], r["backend"], r["precision"]) for r in records)
+    assert got == [("tiny", b, "fp32") for b in ("onnxruntime", "torch", "tvm")], got
+    assert all(r["num_images"] == 16 for r in records)
+
+
+def test_perf_under_xdist_is_a_usage_error_and_plain_n_deselects_it():
+    base = [sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider",
+            "--collect-only", "-q"]
+    bad = subprocess.run([*base, "-m", "perf"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=child_env())
+    assert bad.returncode == 4, bad.stdout[-2000:] + bad.stderr[-2000:]
+    assert "run the perf tests without -n" in bad.stderr
+    plain = subprocess.run([*base, "tests/test_perf.py"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env=child_env())
+    assert "perf tests are deselected under -n" in plain.stdout, plain.stdout[-2000:]
+    assert "test_engine_only" not in plain.stdout, plain.stdout[-2000:]

@@ -48,7 +48,8 @@ def test_tvm_vs_onnx_detections(model_name, precision, bundles, sample_batch,
     assert_detection_parity(got, ref, expectations.number(f"{table}.det_iou_min"),
                             expectations.number(f"{table}.det_score_atol"),
                             postprocessor.score_thr, record_property,
-                            expectations.number(f"{table}.det_match_min"))
+                            expectations.number(f"{table}.det_match_min"),
+                            postprocessor.max_per_img)
 
 
 def test_every_convolution_is_offloaded(model_name, bundles):

@@ -69,6 +69,34 @@ class Expectations:
             raise UserError(f"expectations {key!r} in {self.path} must be a number, got {value!r}")
         return float(value)
 
+    def gate_keys(self) -> list[str]:
+        """Every gate of the file: each value but a table's ``source``/``decimals`` and the
+        tables marked ``informational = true`` (reference rows kept for comparison)."""
+        keys: list[str] = []
+
+        def walk(node: dict[str, Any], prefix: str) -> None:
+            if node.get("informational") is True:
+                return
+            for k, v in node.items():
+                if isinstance(v, dict):
+                    walk(v, f"{prefix}{k}.")
+                elif k not in ("source", "decimals"):
+                    keys.append(prefix + k)
+
+        walk(self._data, "")
+        return keys
+
+    def is_measured_only(self, key: str) -> bool:
+        """True where the file says the value is recorded and reported but not gated."""
+        return self.get(key) == MEASURED_ONLY
+
+    def optional(self, key: str) -> Any:
+        """The value at ``key``, or None where the file has none."""
+        try:
+            return self.get(key)
+        except UserError:
+            return None
+
     def source(self, key: str) -> str:
         """The ``source`` line of the table holding ``key``."""
         table = key.rsplit(".", 1)[0]
@@ -78,8 +106,18 @@ class Expectations:
             return "(no source stated)"
 
 
+MEASURED_ONLY = "measured_only"  # a number that is recorded and reported, never gated
+
+
 def _parse_value(raw: str, kind: type, item: str) -> Any:
+    if kind is str and raw != MEASURED_ONLY:  # e.g. measured_only -> a real floor
+        try:
+            return float(raw)
+        except ValueError:
+            return raw
     if kind in (int, float):
+        if raw == MEASURED_ONLY:
+            return raw
         try:
             return float(raw) if kind is float or "." in raw or "e" in raw.lower() else int(raw)
         except ValueError:

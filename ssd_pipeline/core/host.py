@@ -75,5 +75,6 @@ def machine_info() -> dict[str, object]:
     except ImportError:
         llvm = "unknown (TVM not installed)"
     return {"cpu_model": cpu_model(), "llvm_cpu": llvm, "threads": default_threads(),
+            "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
             "avx512_bf16": "avx512_bf16" in flags, "avx512_vnni": "avx512_vnni" in flags,
             "amx_bf16": "amx_bf16" in flags, "versions": versions(*STACK)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import platform
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 from ..backends import Runner
 from ..core.host import versions
@@ -19,9 +19,10 @@ from ..postprocess import Detections, Postprocessor
 
 
 def predict(runner: Runner, records: list[ImageRecord], post: Postprocessor,
-            settings: PreprocessSettings, batch_size: int, progress: bool = False
+            settings: PreprocessSettings, batch_size: int, progress: bool | TextIO = False
             ) -> tuple[list[Detections], float]:
-    """Detections for every image of ``records``, and the engine-only seconds spent."""
+    """Detections for every image of ``records``, and the engine-only seconds spent.
+    ``progress``: a bar (images done, img/s, ETA) on stderr, or on the stream given."""
     dets: list[Detections] = []
     engine_s = 0.0
     bar = None
@@ -29,7 +30,7 @@ def predict(runner: Runner, records: list[ImageRecord], post: Postprocessor,
         from tqdm import tqdm
 
         bar = tqdm(total=len(records), unit="img", desc=f"{runner.backend}/{runner.precision}",
-                   file=sys.stderr)
+                   file=sys.stderr if progress is True else progress)
     for batch in batches(records, batch_size, settings):
         t0 = time.perf_counter()
         outputs = runner.run(batch.array)
@@ -44,7 +45,7 @@ def predict(runner: Runner, records: list[ImageRecord], post: Postprocessor,
 
 def accuracy_record(runner: Runner, dataset: CocoDetectionSet, post: Postprocessor,
                     settings: PreprocessSettings, batch_size: int, model: dict[str, Any],
-                    progress: bool = False) -> dict[str, Any]:
+                    progress: bool | TextIO = False) -> dict[str, Any]:
     """Run the whole dataset through ``runner`` and score it: a flat, self-describing record.
     ``model``: the model's provenance (``ModelSpec.provenance()``: weights, how read)."""
     t0 = time.perf_counter()

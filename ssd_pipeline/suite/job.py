@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..backends import Runner
+from ..core.gates import Verdict, judge
 from ..parity import rel_errs
-from .bench import BenchSettings, first_batch, speed_log_for, write_records
+from .bench import REFERENCE, BenchSettings, SpeedRecord, first_batch, speed_log_for, write_records
 from .evaluate import accuracy_record, format_table
 from .models import ModelBundle
 from .report import write_report
@@ -83,10 +85,54 @@ def run_job(bundle: ModelBundle, cases: list[tuple[str, str]], datasets_dir: str
             log.engine_only(name, precision, batch)
     bench_path = write_records(out / "bench.json", log.records)
     say(write_report([bench_path], out / "report.md", out / "report.png"))
+    verdicts = judge_run(bundle, records, parity, log.records)
     summary = {**spec.provenance(), "dataset": str(dataset.ann_file), "images": len(dataset),
                "accuracy": {f"{r['backend']}/{r['precision']}": r["metrics"]["bbox_mAP_50"]
                             for r in records},
-               "parity_max_rel_err": parity, "wall_s": round(time.perf_counter() - t_start, 1)}
+               "parity_max_rel_err": parity, "verdicts": [asdict(v) for v in verdicts],
+               "wall_s": round(time.perf_counter() - t_start, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     say(f"done in {summary['wall_s']} s: {out}/accuracy.json, bench.json, report.md, report.png")
+    say("verdicts (the test suite's gates and floors, fixtures/expectations.toml):")
+    for v in verdicts:
+        say("  " + v.line())
+    failed = sum(v.status == "FAIL" for v in verdicts)
+    say(f"{failed} of {len(verdicts)} gates FAILED" if failed else
+        f"all {sum(v.status == 'PASS' for v in verdicts)} gates run PASSED "
+        f"({sum(v.status == 'NOT RUN' for v in verdicts)} not run)")
     return summary
+
+
+def judge_run(bundle: ModelBundle, accuracy: list[dict[str, Any]], parity: dict[str, float],
+              speed: list[SpeedRecord]) -> list[Verdict]:
+    """Every gate the test suite applies to what this run measured, with the same keys."""
+    exp, entry = bundle.expectations, bundle.entry
+    out: list[Verdict] = []
+    for r in accuracy:
+        case = f"{r['backend']}/{r['precision']}"
+        for stat, leaf in (("bbox_mAP_50", "map_50_min"), ("bbox_mAP", "map_min")):
+            key = f"{entry.expectations_key}.{leaf}"
+            if bundle.spec.checkpoint is None:
+                out.append(Verdict(key, case, "NOT RUN", "random-init weights: accuracy is "
+                                   "gated only for a checkpoint (pass --weight)"))
+            else:
+                out.append(judge(exp, key, case, r["metrics"][stat]))
+    ref = next((r for r in accuracy if (r["backend"], r["precision"]) == ("torch", "fp32")),
+               None)
+    for r in accuracy:
+        if r["backend"] == "torch" or ref is None or bundle.spec.checkpoint is None:
+            continue
+        for stat in ("bbox_mAP", "bbox_mAP_50"):
+            out.append(judge(exp, f"accuracy.drop_vs_torch.{r['precision']}_max",
+                             f"{r['backend']}/{r['precision']} {stat}",
+                             ref["metrics"][stat] - r["metrics"][stat]))
+    for case, err in parity.items():
+        table = "parity.fp32" if case.endswith("/fp32") else "parity.reduced"
+        out.append(judge(exp, f"{table}.raw_rel_err_max", f"{case} vs torch/fp32", err))
+    for s in speed:
+        if (s.backend, s.precision) == REFERENCE:
+            continue
+        key = f"{entry.perf_key}.{s.backend}_{s.precision}_min_ratio"
+        out.append(judge(exp, key, f"{s.backend}/{s.precision} batch {s.batch}",
+                         s.ratio_vs_onnxruntime or 0.0))
+    return out

@@ -34,8 +34,9 @@ TINY_VAL = {"split": "val", "num_images": 200, "seed": 4321, "crowd_images": 8,
 class ModelEntry:
     name: str
     config: Path
-    expectations_key: str
+    expectations_key: str  # its accuracy floors
     embedded: bool  # ships its weights and makes its data
+    perf_key: str  # its speed floors (ratios to ONNX Runtime fp32)
 
     def spec(self, weight: str | os.PathLike[str] | None = None,
              cfg: str | os.PathLike[str] | None = None, trust_checkpoint: bool = False
@@ -55,9 +56,10 @@ class ModelEntry:
 
 
 MODELS: dict[str, ModelEntry] = {
-    "ssd300": ModelEntry("ssd300", CONFIG_DIR / "ssd300_coco.py", "accuracy.ssd300_coco", False),
+    "ssd300": ModelEntry("ssd300", CONFIG_DIR / "ssd300_coco.py", "accuracy.ssd300_coco", False,
+                         "perf.cpu"),
     "tiny": ModelEntry("tiny", CONFIG_DIR / "ssd_tiny_synthetic.py",
-                       "accuracy.ssd_tiny_synthetic", True),
+                       "accuracy.ssd_tiny_synthetic", True, "perf.cpu_tiny"),
 }
 
 
@@ -88,9 +90,10 @@ class ModelBundle:
     """One model's artifacts, config, preprocessing and prepared runners (built lazily, once)."""
 
     def __init__(self, entry: ModelEntry, spec: ModelSpec, store: ArtifactStore,
-                 simplify_tol: float, threads: int | None = None) -> None:
+                 expectations: Expectations, threads: int | None = None) -> None:
         self.entry, self.spec, self.threads = entry, spec, threads
-        self.artifacts = ModelArtifacts(spec, store, simplify_tol)
+        self.expectations = expectations
+        self.artifacts = ModelArtifacts(spec, store, expectations.number("simplify.rel_err_max"))
         self._runners: dict[tuple[str, str], Runner] = {}
 
     @functools.cached_property
@@ -125,4 +128,4 @@ def resolve_bundle(model: str, expectations: Expectations, store: ArtifactStore,
     the user's config and weights in place of its own, artifacts in ``store``."""
     entry = get_model(model)
     spec = entry.spec(weight, cfg, trust_checkpoint)
-    return ModelBundle(entry, spec, store, expectations.number("simplify.rel_err_max"), threads)
+    return ModelBundle(entry, spec, store, expectations, threads)
