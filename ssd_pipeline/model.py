@@ -12,10 +12,14 @@ import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .core.cache import file_sha256
 from .core.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from mmengine.config import Config
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "ssd300_coco.py"
@@ -94,7 +98,7 @@ def config_sha256(path: Path) -> str:
     return _config_hashes[memo]
 
 
-def load_config(path: str | Path) -> Any:
+def load_config(path: str | Path) -> Config:
     """The mmengine Config at ``path``, or a UserError saying why it cannot be read."""
     from mmengine.config import Config
 
@@ -226,7 +230,7 @@ def check_state_dict(model: Any, state: dict[str, Any], path: Path, config: Path
         )
 
 
-def build_model(spec: ModelSpec) -> Any:
+def build_model(spec: ModelSpec) -> torch.nn.Module:
     """The mmdet detector for ``spec`` on CPU, in eval mode, ready for inference."""
     import torch
     from mmdet.apis import init_detector
@@ -273,7 +277,7 @@ def build_model(spec: ModelSpec) -> Any:
     return model.eval()
 
 
-def head_outputs_module(model: Any) -> Any:
+def head_outputs_module(model: torch.nn.Module) -> torch.nn.Module:
     """A torch module: image batch -> the 12 raw head outputs (6 cls maps, then 6 box maps).
 
     This is what the ONNX graph contains and what the PyTorch backend runs, so that the

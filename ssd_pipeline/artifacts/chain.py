@@ -10,13 +10,16 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core.cache import ArtifactStore, file_sha256
 from ..core.host import versions
 from ..model import ModelSpec, build_model, head_outputs_module
 from .export import OPSET, export_onnx
 from .simplify import simplify_onnx
+
+if TYPE_CHECKING:
+    import torch
 
 ONNX_FILE = "model.onnx"
 INFO_FILE = "info.json"
@@ -34,12 +37,12 @@ class ModelArtifacts:
         self.opset = opset
 
     @functools.cached_property
-    def torch_model(self) -> Any:
+    def torch_model(self) -> torch.nn.Module:
         """The mmdet detector (eval mode, CPU)."""
         return build_model(self.spec)
 
     @functools.cached_property
-    def torch_head_outputs(self) -> Any:
+    def torch_head_outputs(self) -> torch.nn.Module:
         """Module: batch -> 12 raw head outputs (what the ONNX graph computes)."""
         return head_outputs_module(self.torch_model)
 

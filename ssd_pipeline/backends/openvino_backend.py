@@ -4,7 +4,7 @@ precision so that it is compared like for like)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -12,6 +12,9 @@ from ..core.cache import file_sha256
 from ..core.host import default_threads
 from ..core.onnxfile import check_external_data
 from .base import Backend, Runner, check_batch
+
+if TYPE_CHECKING:
+    from ..artifacts.chain import ModelArtifacts
 
 
 class OpenVinoRunner(Runner):
@@ -42,8 +45,8 @@ class OpenVinoBackend(Backend):
 
     precisions = ("fp32", "bf16")
 
-    def prepare(self, artifacts: Any, *, precision: str = "fp32", threads: int | None = None,
-                batch_size: int | None = None) -> Runner:
+    def prepare(self, artifacts: ModelArtifacts, *, precision: str = "fp32",
+                threads: int | None = None, batch_size: int | None = None) -> Runner:
         self.check_precision(precision)
         return OpenVinoRunner(str(artifacts.simplified_onnx_path), threads or default_threads(),
                               precision)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -10,6 +10,9 @@ from ..core.cache import file_sha256
 from ..core.host import default_threads
 from ..core.onnxfile import check_external_data
 from .base import Backend, Runner, check_batch
+
+if TYPE_CHECKING:
+    from ..artifacts.chain import ModelArtifacts
 
 
 class OrtRunner(Runner):
@@ -36,7 +39,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     precisions = ("fp32",)
 
-    def prepare(self, artifacts: Any, *, precision: str = "fp32", threads: int | None = None,
-                batch_size: int | None = None) -> Runner:
+    def prepare(self, artifacts: ModelArtifacts, *, precision: str = "fp32",
+                threads: int | None = None, batch_size: int | None = None) -> Runner:
         self.check_precision(precision)
         return OrtRunner(str(artifacts.simplified_onnx_path), threads or default_threads())

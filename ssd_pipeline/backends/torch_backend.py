@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -10,9 +10,14 @@ from ..artifacts.export import output_names
 from ..core.host import default_threads
 from .base import Backend, Runner, check_batch
 
+if TYPE_CHECKING:
+    import torch
+
+    from ..artifacts.chain import ModelArtifacts
+
 
 class TorchRunner(Runner):
-    def __init__(self, module: Any, threads: int) -> None:
+    def __init__(self, module: torch.nn.Module, threads: int) -> None:
         import torch
 
         super().__init__("torch", "fp32", threads, output_names(),
@@ -33,7 +38,7 @@ class TorchBackend(Backend):
     name = "torch"
     precisions = ("fp32",)
 
-    def prepare(self, artifacts: Any, *, precision: str = "fp32", threads: int | None = None,
-                batch_size: int | None = None) -> Runner:
+    def prepare(self, artifacts: ModelArtifacts, *, precision: str = "fp32",
+                threads: int | None = None, batch_size: int | None = None) -> Runner:
         self.check_precision(precision)
         return TorchRunner(artifacts.torch_head_outputs, threads or default_threads())

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -11,9 +11,14 @@ from ..core.errors import UserError
 from ..core.host import default_threads
 from .base import Backend, Runner, check_batch
 
+if TYPE_CHECKING:
+    from ..artifacts.chain import ModelArtifacts
+    from ..engine.compile import Engine, EngineSpec
+
 
 class TvmRunner(Runner):
-    def __init__(self, engine: Any, spec: Any, threads: int, names: list[str]) -> None:
+    def __init__(self, engine: Engine, spec: EngineSpec, threads: int, names: list[str]
+                 ) -> None:
         import tvm
 
         super().__init__("tvm", spec.precision, threads, names, {
@@ -49,8 +54,8 @@ class TvmBackend(Backend):
 
     precisions = ("fp32", "bf16")
 
-    def prepare(self, artifacts: Any, *, precision: str = "fp32", threads: int | None = None,
-                batch_size: int | None = None) -> Runner:
+    def prepare(self, artifacts: ModelArtifacts, *, precision: str = "fp32",
+                threads: int | None = None, batch_size: int | None = None) -> Runner:
         import os
 
         from ..engine.compile import EngineSpec, cached_engine

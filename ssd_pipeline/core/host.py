@@ -47,11 +47,6 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_precisions() -> tuple[str, ...]:
-    """fp32, plus bf16 where the CPU has avx512_bf16 (what bf16 kernels need to be fast)."""
-    return ("fp32", "bf16") if "avx512_bf16" in cpu_flags() else ("fp32",)
-
-
 def versions(*packages: str) -> dict[str, str]:
     """Installed version of each package ("not installed" where it is missing)."""
     out = {}

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from onnx import ModelProto
 
 
 def _tensors(graph: Any) -> Any:
@@ -45,7 +48,7 @@ def check_external_data(path: str | os.PathLike[str], model: Any = None) -> None
                 "beside the model: move the data file there and name it relative to it")
 
 
-def load_onnx_unchecked(path: Path, load_external_data: bool) -> Any:
+def load_onnx_unchecked(path: Path, load_external_data: bool) -> ModelProto:
     import onnx
 
     try:
@@ -57,7 +60,7 @@ def load_onnx_unchecked(path: Path, load_external_data: bool) -> Any:
                         "export it again") from None
 
 
-def load_onnx(path: str | os.PathLike[str], load_external_data: bool = True) -> Any:
+def load_onnx(path: str | os.PathLike[str], load_external_data: bool = True) -> ModelProto:
     """``onnx.load`` after :func:`check_external_data`; one-line errors for bad files."""
     path = Path(path)
     model = load_onnx_unchecked(path, load_external_data=False)

@@ -11,7 +11,7 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..artifacts.chain import ModelArtifacts
 from ..backends import Runner, get_backend
@@ -22,6 +22,9 @@ from ..data import CocoDetectionSet, PreprocessSettings
 from ..model import CONFIG_DIR, ModelSpec, load_config
 from ..postprocess import Postprocessor
 from ..synthetic import DEFAULT_CATEGORIES, make_coco_set
+
+if TYPE_CHECKING:
+    from mmengine.config import Config
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 TINY_CHECKPOINT = FIXTURES / "models" / "ssd_tiny_synthetic.pth"
@@ -97,7 +100,7 @@ class ModelBundle:
         self._runners: dict[tuple[str, str], Runner] = {}
 
     @functools.cached_property
-    def cfg(self) -> Any:
+    def cfg(self) -> Config:
         return load_config(self.spec.config)
 
     @functools.cached_property
