@@ -29,4 +29,4 @@ case "$MODEL" in
   *) echo "error: unknown MODEL=$MODEL (ssd300, the default as in the original, or tiny)" >&2; exit 2 ;;
 esac
 trust_args=()
-[ "${TRUST_CHECKPOINT:-0}" = 1 ] && trust_args=(--trust-checkpoint)
+if [ "${TRUST_CHECKPOINT:-0}" = 1 ]; then trust_args=(--trust-checkpoint); fi

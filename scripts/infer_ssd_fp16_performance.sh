@@ -11,7 +11,7 @@ set -euo pipefail
 . "$(dirname "$0")/_common.sh"
 mkdir -p out
 weight_args=()
-[ -n "${WEIGHT:-}" ] && weight_args=(--weight "$WEIGHT")
+if [ -n "${WEIGHT:-}" ]; then weight_args=(--weight "$WEIGHT"); fi
 rm -f out/perf_ssd.json
 rc=0
 .venv/bin/python -m pytest tests/test_perf.py -m perf -k test_engine_only --perf-model "$MODEL" \

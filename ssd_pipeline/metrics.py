@@ -73,7 +73,27 @@ def evaluate(coco_gt: Any, dets: list[Detections], img_ids: list[int] | None = N
         ev.summarize()
     stats = np.asarray(ev.stats, dtype=np.float64)
     return {f"bbox_{k}": float(v) for k, v in zip(STAT_NAMES, stats, strict=True)} | {
-        "summary": buf.getvalue().strip().splitlines()[-12:], "num_detections": len(results)}
+        "summary": buf.getvalue().strip().splitlines()[-12:], "num_detections": len(results),
+        "per_class": per_class_ap(coco_gt, ev)}
+
+
+def per_class_ap(coco_gt: Any, ev: Any) -> dict[str, dict[str, float | None]]:
+    """AP per category as mmdet's CocoMetric(classwise=True) computes it (all areas, the last
+    maxDets), unrounded: mAP over IoU 0.5:0.95, mAP_50, mAP_75; None where the category has
+    no ground truth (mmdet: nan)."""
+    precisions = ev.eval["precision"]  # (iou, recall, category, area, maxDets)
+
+    def mean(p: np.ndarray) -> float | None:
+        p = p[p > -1]
+        return float(np.mean(p)) if p.size else None
+
+    out = {}
+    for k, cat_id in enumerate(ev.params.catIds):
+        name = str(coco_gt.cats[int(cat_id)].get("name", cat_id))
+        out[name] = {"mAP": mean(precisions[:, :, k, 0, -1]),
+                     "mAP_50": mean(precisions[0, :, k, 0, -1]),
+                     "mAP_75": mean(precisions[5, :, k, 0, -1])}
+    return out
 
 
 def rounded(metrics: dict[str, Any]) -> dict[str, float]:

@@ -91,6 +91,32 @@ def test_equals_mmdet_coco_metric(gt_set, predictions, record_property):
     assert ours["bbox_AR@100"] != ours["bbox_AR@1000"]
 
 
+def test_per_class_ap_equals_mmdet_classwise(gt_set, predictions):
+    """mmdet's classwise table (CocoMetric(classwise=True): '<name>_precision', rounded)."""
+    import math
+
+    import torch
+    from mmdet.evaluation import CocoMetric
+
+    ann, gt = gt_set
+    metric = CocoMetric(ann_file=str(ann), metric="bbox", classwise=True)
+    cats = sorted(gt["categories"], key=lambda c: c["id"])
+    metric.dataset_meta = {"classes": [c["name"] for c in cats]}
+    sizes = {im["id"]: (im["height"], im["width"]) for im in gt["images"]}
+    for d in predictions:
+        metric.process({}, [{
+            "img_id": d.img_id, "ori_shape": sizes[d.img_id],
+            "pred_instances": {"bboxes": torch.from_numpy(d.boxes),
+                               "scores": torch.from_numpy(d.scores),
+                               "labels": torch.from_numpy(d.labels)}}])
+    theirs = metric.compute_metrics(metric.results)
+    ours = evaluate(load_coco(ann), predictions)["per_class"]
+    assert set(ours) == {c["name"] for c in cats}
+    for name, ap in ours.items():
+        want = theirs[f"{name}_precision"]
+        assert (ap["mAP"] is None and math.isnan(want)) or round(ap["mAP"], 3) == want, name
+
+
 def test_equals_pycocotools_under_coco_metric_params(gt_set, predictions, tmp_path):
     """mmdet's path: results dumped to JSON, loadRes from the file, maxDets (100, 300, 1000)."""
     import contextlib

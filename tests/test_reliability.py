@@ -80,7 +80,7 @@ def test_accuracy_records_survive_xdist(tmp_path):
 
 def test_perf_under_xdist_is_a_usage_error_and_plain_n_deselects_it():
     base = [sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider",
-            "--collect-only", "-q"]
+            "--collect-only"]
     bad = subprocess.run([*base, "-m", "perf"], cwd=ROOT, capture_output=True, text=True,
                          timeout=300, env=child_env())
     assert bad.returncode == 4, bad.stdout[-2000:] + bad.stderr[-2000:]

@@ -55,6 +55,12 @@ class SpeedRecord:
     threads: int
     rounds: int
     images_per_s: float
+    images_per_s_median: float
+    images_per_s_stddev: float  # of per-round img/s
+    images_per_s_ci95_low: float | None
+    images_per_s_ci95_high: float | None
+    ci95_method: str
+    latency_ms_iqr: float
     latency_ms_mean: float
     latency_ms_min: float
     latency_ms_max: float
