@@ -68,6 +68,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--perf-warmup", type=int, default=1, help="warm-up calls before timing")
     g.addoption("--records-dir", default="out",
                 help="where accuracy records (accuracy.json) are written (default ./out)")
+    g.addoption("--perf-baseline", default=None, metavar="FILE",
+                help="a saved --benchmark-json (or records file): fail a speed test whose ratio "
+                     "to ONNX Runtime falls more than regression.ratio_drop_max below it")
+    g.addoption("--accuracy-baseline", default=None, metavar="FILE",
+                help="a saved accuracy.json: fail an accuracy test whose 12 COCO stats fall more "
+                     "than regression.stat_drop_max below it (same data required)")
     g.addoption("--require-data", action="store_true",
                 help="fail (not skip) tests whose data or checkpoint is missing: for CI gating")
 

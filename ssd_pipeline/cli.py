@@ -29,7 +29,7 @@ from .suite.bench import REFERENCE, BenchSettings, first_batch, speed_log_for, w
 from .suite.evaluate import accuracy_record, format_table
 from .suite.job import run_job
 from .suite.models import MODELS, ModelBundle, resolve_bundle
-from .suite.report import update_readme, write_report
+from .suite.report import compare, update_readme, write_report
 
 
 def run_main(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -184,6 +184,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    if args.compare:
+        if len(args.inputs) != 2:
+            raise UserError(f"--compare takes two files, OLD and NEW; got {len(args.inputs)}")
+        print(compare(*args.inputs))
+        return 0
     if args.readme:
         if len(args.inputs) != 1 or not args.accuracy:
             raise UserError("--readme takes one pytest --benchmark-json file and --accuracy "
@@ -271,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pytest --benchmark-json files or records files of 'bench'/'run'")
     r.add_argument("--markdown", type=Path, default=None)
     r.add_argument("--plot", type=Path, default=None)
+    r.add_argument("--compare", action="store_true",
+                   help="two files, OLD NEW: side by side with the change per row")
     r.add_argument("--readme", type=Path, default=None,
                    help="rewrite this README's generated 'Measured here' block instead")
     r.add_argument("--accuracy", type=Path, default=None,

@@ -66,14 +66,48 @@ def accuracy_of(pytestconfig, bundles, eval_set):
     return get
 
 
+@pytest.fixture(scope="session")
+def accuracy_baseline(pytestconfig):
+    from ssd_pipeline.suite.baseline import load_accuracy_baseline
+
+    path = pytestconfig.option.accuracy_baseline
+    try:
+        return load_accuracy_baseline(path) if path else None
+    except UserError as e:
+        raise pytest.UsageError(str(e)) from None
+
+
 def test_accuracy(model_name, backend_name, precision, accuracy_of, bundles, expectations,
-                  record_property):
+                  record_property, accuracy_baseline):
     rec = accuracy_of(model_name, backend_name, precision)
     m = rec["metrics"]
     record_property("metrics", {k: v for k, v in m.items() if k.startswith("bbox_")})
     key = bundles(model_name).entry.expectations_key
     require(expectations, f"{key}.map_50_min", "mAP@0.5", m["bbox_mAP_50"])
     require(expectations, f"{key}.map_min", "mAP@0.5:0.95", m["bbox_mAP"])
+    if accuracy_baseline is not None:
+        check_against_baseline(rec, accuracy_baseline, expectations)
+
+
+def check_against_baseline(rec, baseline, expectations) -> None:
+    """Each of the 12 stats may fall at most regression.stat_drop_max below the saved record
+    of the same model, backend, precision and data; other data is refused in one line."""
+    from ssd_pipeline.metrics import STAT_NAMES
+    from ssd_pipeline.suite.baseline import same_data
+
+    case = (rec["model"], rec["backend"], rec["precision"])
+    base = baseline.get(case)
+    if base is None:
+        pytest.fail(f"--accuracy-baseline has no record of {'/'.join(case)}", pytrace=False)
+    why = same_data(base, rec)
+    if why:
+        pytest.fail(f"--accuracy-baseline: {'/'.join(case)} cannot be compared: {why}",
+                    pytrace=False)
+    for stat in STAT_NAMES:
+        k = f"bbox_{stat}"
+        require(expectations, "regression.stat_drop_max",
+                f"{'/'.join(case)} {stat} drop vs the baseline ({base['metrics'][k]:.4f})",
+                base["metrics"][k] - rec["metrics"][k])
 
 
 def test_accuracy_drop_vs_torch(model_name, compared_backend, precision, accuracy_of,

@@ -36,6 +36,8 @@ PROVEN_BY = {
     "simplify.rel_err_max": "tests/test_export.py::test_simplify_refuses_a_wrong_model",
     "preprocess.abs_err_max": "tests/test_preprocess.py (equality with mmdet's pipeline)",
     "perf.*_min_ratio": "tests/test_gates.py::test_perf_floor_fails_above_and_passes_below",
+    "regression.ratio_drop_max": "tests/test_baseline.py::test_speed_against_a_saved_baseline",
+    "regression.stat_drop_max": "tests/test_baseline.py::test_accuracy_against_a_saved_baseline",
 }
 
 EXPECTATIONS = Expectations.load()

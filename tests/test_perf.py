@@ -76,10 +76,52 @@ def timer(benchmark):
     return run
 
 
+@pytest.fixture(scope="session")
+def perf_baseline(pytestconfig):
+    """(records by case, machine) of --perf-baseline, or None."""
+    from ssd_pipeline.core.errors import UserError
+    from ssd_pipeline.suite.baseline import load_speed_baseline
+
+    path = pytestconfig.option.perf_baseline
+    try:
+        return load_speed_baseline(path) if path else None
+    except UserError as e:
+        raise pytest.UsageError(f"--perf-baseline: {e}") from None
+
+
+def against_baseline(benchmark, perf_baseline, rec, expectations) -> None:
+    """The regression gate: this run's ratio to ONNX Runtime against the baseline's (ratios
+    travel between machines); raw times only between like machines, else it says why."""
+    from ssd_pipeline.core.gates import require
+    from ssd_pipeline.core.host import machine_info
+    from ssd_pipeline.suite.baseline import raw_times_comparable, speed_key
+
+    if perf_baseline is None:
+        return
+    rows, machine = perf_baseline
+    d = rec.as_dict()
+    base = rows.get(speed_key(d))
+    if base is None:
+        benchmark.extra_info["baseline"] = "no such case in the baseline"
+        return
+    why = raw_times_comparable(machine, machine_info())
+    benchmark.extra_info["baseline"] = {
+        "ratio_vs_onnxruntime": base.get("ratio_vs_onnxruntime"),
+        "images_per_s": base["images_per_s"] if why is None else why}
+    if rec.ratio_vs_onnxruntime is not None and base.get("ratio_vs_onnxruntime") is not None \
+            and (rec.backend, rec.precision) != ("onnxruntime", "fp32"):
+        require(expectations, "regression.ratio_drop_max",
+                f"{rec.backend}/{rec.precision} batch {rec.batch}: ratio to onnxruntime "
+                f"{rec.ratio_vs_onnxruntime:.3f} vs the baseline's "
+                f"{base['ratio_vs_onnxruntime']:.3f}, drop",
+                base["ratio_vs_onnxruntime"] - rec.ratio_vs_onnxruntime)
+
+
 def test_engine_only(benchmark, backend_name, precision, perf_batch, speed_log, perf_bundle,
-                     expectations):
+                     expectations, perf_baseline):
     rec = speed_log.engine_only(backend_name, precision, perf_batch, timer(benchmark))
     benchmark.extra_info.update(rec.as_dict())
+    against_baseline(benchmark, perf_baseline, rec, expectations)
     require_or_say(expectations, f"{perf_bundle.entry.perf_key}.{backend_name}_{precision}"
                    "_min_ratio", f"{backend_name}/{precision} engine-only batch {perf_batch} "
                    "img/s", rec.images_per_s, rec.onnxruntime_images_per_s,

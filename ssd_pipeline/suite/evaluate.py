@@ -12,6 +12,7 @@ import time
 from typing import Any, TextIO
 
 from ..backends import Runner
+from ..core.cache import file_sha256
 from ..core.host import versions
 from ..data import CocoDetectionSet, ImageRecord, PreprocessSettings, batches
 from ..metrics import evaluate, load_coco
@@ -57,6 +58,7 @@ def accuracy_record(runner: Runner, dataset: CocoDetectionSet, post: Postprocess
         "batch_size": batch_size,
         **model,
         "dataset": str(dataset.ann_file),
+        "dataset_sha256": file_sha256(dataset.ann_file),
         "num_images": len(dataset),
         "metrics": metrics,
         "wall_s": round(wall_s, 3),

@@ -35,6 +35,41 @@ def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
     return rows
 
 
+SpeedKey = tuple[str, str, str, int]  # mode, backend, precision, batch
+
+
+def speed_key(r: dict[str, Any]) -> SpeedKey:
+    """Which case a speed record measured: what a comparison matches rows by."""
+    return (r["mode"], r["backend"], r["precision"], int(r["batch"]))
+
+
+def compare(old: Path, new: Path) -> str:
+    """Two runs side by side, one row per case in either, with the change: img/s (raw, only
+    meaningful on like machines) and the ratio to ONNX Runtime fp32 (which travels)."""
+    a = {speed_key(r): r for r in load_runs([old])}
+    b = {speed_key(r): r for r in load_runs([new])}
+    out = [f"| mode | backend | precision | batch | img/s {old.stem} | img/s {new.stem} | "
+           f"change | ratio {old.stem} | ratio {new.stem} | change |", "|" + "---|" * 10]
+
+    def pct(x: Any, y: Any) -> str:
+        return f"{(y / x - 1) * 100:+.1f}%" if x and y else ""
+
+    def num(r: dict[str, Any] | None, key: str, fmt: str) -> str:
+        return fmt.format(r[key]) if r and r.get(key) is not None else "-"
+
+    for k in sorted(set(a) | set(b)):
+        ra, rb = a.get(k), b.get(k)
+        ratio_change = ""
+        if ra and rb and ra.get("ratio_vs_onnxruntime") and rb.get("ratio_vs_onnxruntime"):
+            ratio_change = f"{rb['ratio_vs_onnxruntime'] - ra['ratio_vs_onnxruntime']:+.2f}"
+        out.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {num(ra, 'images_per_s', '{:.2f}')}"
+                   f" | {num(rb, 'images_per_s', '{:.2f}')} | "
+                   f"{pct(ra and ra['images_per_s'], rb and rb['images_per_s'])} | "
+                   f"{num(ra, 'ratio_vs_onnxruntime', '{:.2f}')} | "
+                   f"{num(rb, 'ratio_vs_onnxruntime', '{:.2f}')} | {ratio_change} |")
+    return "\n".join(out)
+
+
 def _key(r: dict[str, Any]) -> tuple:
     return (r["run"], r["mode"], r["backend"], r["precision"], int(r["batch"]))
 
