@@ -3,6 +3,7 @@ build artifacts once per run (content-keyed cache, shared by xdist workers via f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -16,6 +17,7 @@ from ssd_pipeline.core.errors import UserError
 EXPECTATIONS = pytest.StashKey[Any]()
 ACCURACY_RECORDS = pytest.StashKey[list]()
 ACCURACY_PATH = pytest.StashKey[Path]()
+SESSION_ID = pytest.StashKey[str]()  # one per run, shared by its xdist workers
 
 
 def under_xdist(config: pytest.Config) -> bool:
@@ -99,6 +101,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    import uuid
+
+    worker = getattr(config, "workerinput", None)
+    config.stash[SESSION_ID] = worker["ssd_session"] if worker else uuid.uuid4().hex[:12]
     try:
         sizes = [config.option.batch_size] + ([config.option.threads]
                                               if config.option.threads is not None else [])
@@ -223,8 +229,16 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(f"records: {config.stash[ACCURACY_PATH]}")
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist: every worker writes its records under its controller's session id."""
+    node.workerinput["ssd_session"] = node.config.stash[SESSION_ID]
+
+
 def _parts_dir(config: pytest.Config) -> Path:
-    return Path(config.option.records_dir) / "accuracy.parts"
+    # per session: runs that share a records dir (a test starting pytest, a second terminal)
+    # never mix or delete each other's records
+    return Path(config.option.records_dir) / "accuracy.parts" / config.stash[SESSION_ID]
 
 
 def write_record_part(config: pytest.Config, record: dict[str, Any]) -> None:
@@ -240,13 +254,6 @@ def write_record_part(config: pytest.Config, record: dict[str, Any]) -> None:
     os.replace(tmp, d / name)
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
-    if not hasattr(session.config, "workerinput"):  # the controller, or a plain run
-        import shutil
-
-        shutil.rmtree(_parts_dir(session.config), ignore_errors=True)
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Merge this session's accuracy records (from every worker) into accuracy.json."""
@@ -255,10 +262,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if hasattr(config, "workerinput") or not parts.is_dir():
         return
     import json
+    import shutil
 
     records = [json.loads(p.read_text()) for p in sorted(parts.glob("*.json"))]
     out = Path(config.option.records_dir) / "accuracy.json"
     out.write_text(json.dumps(records, indent=1))
+    shutil.rmtree(parts, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the last session out removes the empty parent
+        parts.parent.rmdir()
     config.stash[ACCURACY_RECORDS] = records
     config.stash[ACCURACY_PATH] = out
 

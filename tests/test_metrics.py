@@ -67,12 +67,13 @@ def predictions(gt_set):
     return dets
 
 
-def test_equals_mmdet_coco_metric(gt_set, predictions, record_property):
+def mmdet_coco_metric(gt_set, predictions, **kwargs) -> dict:
+    """What mmdet's own CocoMetric reports for ``predictions`` (fed as its evaluator is)."""
     import torch
     from mmdet.evaluation import CocoMetric
 
     ann, gt = gt_set
-    metric = CocoMetric(ann_file=str(ann), metric="bbox", metric_items=STAT_NAMES)
+    metric = CocoMetric(ann_file=str(ann), metric="bbox", **kwargs)
     cats = sorted(gt["categories"], key=lambda c: c["id"])
     metric.dataset_meta = {"classes": [c["name"] for c in cats]}
     sizes = {im["id"]: (im["height"], im["width"]) for im in gt["images"]}
@@ -82,7 +83,12 @@ def test_equals_mmdet_coco_metric(gt_set, predictions, record_property):
             "pred_instances": {"bboxes": torch.from_numpy(d.boxes),
                                "scores": torch.from_numpy(d.scores),
                                "labels": torch.from_numpy(d.labels)}}])
-    theirs = metric.compute_metrics(metric.results)
+    return metric.compute_metrics(metric.results)
+
+
+def test_equals_mmdet_coco_metric(gt_set, predictions, record_property):
+    ann, _ = gt_set
+    theirs = mmdet_coco_metric(gt_set, predictions, metric_items=STAT_NAMES)
     ours = evaluate(load_coco(ann), predictions)
     record_property("ours_unrounded", {k: ours[f"bbox_{k}"] for k in STAT_NAMES})
     assert rounded(ours) == {k: theirs[k] for k in rounded(ours)}
@@ -95,23 +101,10 @@ def test_per_class_ap_equals_mmdet_classwise(gt_set, predictions):
     """mmdet's classwise table (CocoMetric(classwise=True): '<name>_precision', rounded)."""
     import math
 
-    import torch
-    from mmdet.evaluation import CocoMetric
-
     ann, gt = gt_set
-    metric = CocoMetric(ann_file=str(ann), metric="bbox", classwise=True)
-    cats = sorted(gt["categories"], key=lambda c: c["id"])
-    metric.dataset_meta = {"classes": [c["name"] for c in cats]}
-    sizes = {im["id"]: (im["height"], im["width"]) for im in gt["images"]}
-    for d in predictions:
-        metric.process({}, [{
-            "img_id": d.img_id, "ori_shape": sizes[d.img_id],
-            "pred_instances": {"bboxes": torch.from_numpy(d.boxes),
-                               "scores": torch.from_numpy(d.scores),
-                               "labels": torch.from_numpy(d.labels)}}])
-    theirs = metric.compute_metrics(metric.results)
+    theirs = mmdet_coco_metric(gt_set, predictions, classwise=True)
     ours = evaluate(load_coco(ann), predictions)["per_class"]
-    assert set(ours) == {c["name"] for c in cats}
+    assert set(ours) == {c["name"] for c in gt["categories"]}
     for name, ap in ours.items():
         want = theirs[f"{name}_precision"]
         assert (ap["mAP"] is None and math.isnan(want)) or round(ap["mAP"], 3) == want, name

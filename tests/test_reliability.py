@@ -89,3 +89,28 @@ def test_perf_under_xdist_is_a_usage_error_and_plain_n_deselects_it():
                            text=True, timeout=300, env=child_env())
     assert "perf tests are deselected under -n" in plain.stdout, plain.stdout[-2000:]
     assert "test_engine_only" not in plain.stdout, plain.stdout[-2000:]
+
+
+def test_runs_sharing_a_records_dir_keep_their_own_records(tmp_path):
+    """A second pytest session started while one runs, on the same --records-dir (a test that
+    starts pytest, a second terminal), neither deletes nor mixes the first one's records."""
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+            "tests/test_accuracy.py", "-m", "accuracy", "--models", "tiny", "--precisions",
+            "fp32", "--batch-size", "8", "--records-dir", str(tmp_path)]
+    # the slow session has ~15x the work of the quick one, so it finishes last
+    slow = subprocess.Popen([*base, "--backends", "torch,onnxruntime,tvm", "--max-images",
+                             "48"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=child_env())
+    quick = subprocess.run([*base, "--backends", "onnxruntime", "-k", "test_accuracy[",
+                            "--max-images", "8"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=900,
+                           env=child_env())
+    assert quick.returncode == 0, quick.stdout[-2000:]
+    out, _ = slow.communicate(timeout=900)
+    assert slow.returncode == 0, out[-2000:]
+    records = json.loads((tmp_path / "accuracy.json").read_text())
+    backends = sorted(r["backend"] for r in records)
+    # the last session to finish wrote the file: the slow one, with all of its records
+    assert backends == ["onnxruntime", "torch", "tvm"], backends
+    assert not (tmp_path / "accuracy.parts").exists()

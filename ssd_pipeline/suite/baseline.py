@@ -5,20 +5,17 @@ when it is not made."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import UserError
-from .report import SpeedKey, load_runs, speed_key
+from .report import SpeedKey, machine_of, read_json, runs_of, speed_key
 
 
 def load_speed_baseline(path: Path) -> tuple[dict[SpeedKey, dict[str, Any]], dict[str, Any]]:
     """The baseline's speed records by case, and the machine they ran on."""
-    rows = {speed_key(r): r for r in load_runs([path])}
-    data = json.loads(Path(path).read_text())
-    machine = (data.get("machine_info") or {}).get("ssd_pipeline") or data.get("machine") or {}
-    return rows, machine
+    data = read_json(path, "--perf-baseline file")
+    return {speed_key(r): r for r in runs_of(data, path)}, machine_of(data)
 
 
 def raw_times_comparable(base: dict[str, Any], now: dict[str, Any]) -> str | None:
@@ -32,12 +29,7 @@ def raw_times_comparable(base: dict[str, Any], now: dict[str, Any]) -> str | Non
 
 def load_accuracy_baseline(path: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
     """An accuracy.json (a list of records) by (model, backend, precision)."""
-    try:
-        records = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"--accuracy-baseline: {path} not found") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"--accuracy-baseline: {path} is not JSON ({e.msg})") from None
+    records = read_json(path, "--accuracy-baseline file")
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise UserError(f"--accuracy-baseline: {path} is not an accuracy.json (a list of "
                         "records, as pytest -m accuracy writes)")

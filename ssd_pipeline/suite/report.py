@@ -11,25 +11,39 @@ from ..core.errors import UserError
 from .bench import RECORDS_FORMAT
 
 
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file, or one line saying why it cannot be read (``what``: which file it is)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what} {path} is not JSON ({e.msg} at line {e.lineno})") from None
+
+
+def runs_of(data: Any, path: Path) -> list[dict[str, Any]]:
+    """The speed records of a parsed pytest-benchmark file or records file, as flat rows."""
+    if isinstance(data, dict) and data.get("format") == RECORDS_FORMAT:
+        found = data.get("records") or []
+    elif isinstance(data, dict) and isinstance(data.get("benchmarks"), list):
+        found = [b.get("extra_info") or {} for b in data["benchmarks"]]
+    else:
+        raise UserError(f"{path} is neither a pytest-benchmark file nor a records file: "
+                        "write one with pytest -m perf --benchmark-json FILE or "
+                        "ssd-pipeline bench --output FILE")
+    return [{"run": Path(path).stem, **r} for r in found if "images_per_s" in r]
+
+
+def machine_of(data: Any) -> dict[str, Any]:
+    """The machine a parsed speed file ran on (pytest-benchmark's or ours)."""
+    return (data.get("machine_info") or {}).get("ssd_pipeline") or data.get("machine") or {}
+
+
 def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
     """Flat rows: one per speed record (pytest-benchmark keeps ours in ``extra_info``)."""
     rows = []
     for path in paths:
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise UserError(f"benchmark file not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} is not JSON ({e.msg} at line {e.lineno})") from None
-        if isinstance(data, dict) and data.get("format") == RECORDS_FORMAT:
-            found = data.get("records") or []
-        elif isinstance(data, dict) and isinstance(data.get("benchmarks"), list):
-            found = [b.get("extra_info") or {} for b in data["benchmarks"]]
-        else:
-            raise UserError(f"{path} is neither a pytest-benchmark file nor a records file: "
-                            "write one with pytest -m perf --benchmark-json FILE or "
-                            "ssd-pipeline bench --output FILE")
-        rows += [{"run": Path(path).stem, **r} for r in found if "images_per_s" in r]
+        rows += runs_of(read_json(path, "benchmark file"), path)
     if not rows:
         raise UserError(f"no ssd_pipeline perf records in {', '.join(map(str, paths))}")
     return rows
@@ -156,10 +170,11 @@ README_END = "<!-- measured:end -->"
 def readme_tables(perf_json: Path, accuracy_json: Path) -> str:
     """The README's "Measured here" tables, from a ``pytest -m perf --benchmark-json`` file
     and an accuracy records file (``pytest -m accuracy``'s accuracy.json)."""
-    rows = [r for r in load_runs([perf_json]) if r["mode"] == "engine-only"]
-    e2e = [r for r in load_runs([perf_json]) if r["mode"] == "end-to-end"]
-    data = json.loads(Path(perf_json).read_text())
-    host = (data.get("machine_info") or {}).get("ssd_pipeline") or data.get("machine") or {}
+    data = read_json(perf_json, "benchmark file")
+    every = runs_of(data, perf_json)
+    rows = [r for r in every if r["mode"] == "engine-only"]
+    e2e = [r for r in every if r["mode"] == "end-to-end"]
+    host = machine_of(data)
     when = str(data.get("datetime", ""))[:10]
     batches = sorted({int(r["batch"]) for r in rows})
     mid = 8 if 8 in batches else batches[-1]
@@ -189,7 +204,7 @@ def readme_tables(perf_json: Path, accuracy_json: Path) -> str:
                     f"{r['ratio_vs_engine_only']:.2f}"
                     for r in sorted(e2e, key=lambda r: (r["backend"], r["precision"],
                                                         int(r["batch"])))) + "."]
-    acc = json.loads(Path(accuracy_json).read_text())
+    acc = read_json(accuracy_json, "accuracy records")
     if acc:
         first = acc[0]
         out += ["", f"Embedded model, {first['num_images']}-image val split "
