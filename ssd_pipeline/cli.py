@@ -1,4 +1,5 @@
-"""``ssd-pipeline``: export | compile | evaluate | bench | report | run | roofline | info, and the
+"""``ssd-pipeline``: export | compile | evaluate | bench | profile | report | run | roofline | info,
+and the
 seed-compatible ``python -m ssd_pipeline.export``.
 
 Every entry point of the package is here (the top layer); each command resolves its model
@@ -29,6 +30,7 @@ from .suite.bench import REFERENCE, BenchSettings, first_batch, speed_log_for, w
 from .suite.evaluate import accuracy_record, format_table
 from .suite.job import run_job
 from .suite.models import MODELS, ModelBundle, resolve_bundle
+from .suite.profile import default_output, format_profile, profile_runner
 from .suite.report import compare, update_readme, write_report
 
 
@@ -171,7 +173,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     settings = _bench_settings(args)
     bundle = make_bundle(args)
     cases = _cases(args)
-    dataset = bundle.dataset(args.datasets_dir, max_images=max(batches))
+    dataset, source = bundle.timing_images(args.datasets_dir, max(batches))
+    print(f"timing on {len(dataset)} images: {source}")
     first = first_batch(dataset.images, bundle.settings, len(dataset))
     log = speed_log_for(bundle, first, settings)
     for batch in batches:
@@ -179,6 +182,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
             log.engine_only(name, precision, batch)
     path = write_records(args.output, log.records)
     print(write_report([path], None, None))
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    _positive(args.batch, "--batch")
+    _positive(args.rounds, "--rounds")
+    _positive(args.top, "--top")
+    bundle = make_bundle(args)
+    chosen = backends.select(args.backend)
+    if len(chosen) != 1:
+        raise UserError(f"--backend: profile one backend at a time, got {args.backend!r}")
+    runner = bundle.runner(chosen[0], args.precision)  # checks the precision
+    dataset, source = bundle.timing_images(args.datasets_dir, args.batch)
+    first = first_batch(dataset.images, bundle.settings, min(args.batch, len(dataset)))
+    record = profile_runner(runner, first, args.batch, args.rounds, bundle.spec.provenance())
+    record["images"] = source
+    print(format_profile(record, args.top))
+    path = args.output or default_output(Path("out"), record)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
     print(f"wrote {path}")
     return 0
 
@@ -270,6 +294,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output", type=Path, default=Path("out/bench.json"),
                    help="records file (default out/bench.json); 'report' reads it")
     b.set_defaults(fn=cmd_bench)
+
+    pr = sub.add_parser("profile", help="time per operation of one backend/precision/batch")
+    _common(pr, default_model="tiny")
+    pr.add_argument("--backend", default="tvm", help="tvm (default) or onnxruntime")
+    pr.add_argument("--precision", default="fp32")
+    pr.add_argument("--batch", type=int, default=8)
+    pr.add_argument("--rounds", type=int, default=10,
+                    help="profiled runs; each operation's time is its median over them")
+    pr.add_argument("--top", type=int, default=10, help="rows printed (the JSON has all)")
+    pr.add_argument("--datasets-dir", default=None,
+                    help="images to feed (default: the model's own set; $DATASETS_DIR for ssd300)")
+    pr.add_argument("--output", type=Path, default=None,
+                    help="JSON file (default out/profile-BACKEND-PRECISION-bsN.json)")
+    pr.set_defaults(fn=cmd_profile)
 
     r = sub.add_parser("report", help="speed records -> Markdown table + PNG plot")
     r.add_argument("inputs", type=Path, nargs="+",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 from ..core.errors import UserError
-from .base import Backend, Runner
+from .base import Backend, OpTime, Runner
 
 _REGISTRY: dict[str, str] = {
     "torch": "ssd_pipeline.backends.torch_backend:TorchBackend",
@@ -60,4 +60,4 @@ def get_backend(name: str) -> Backend:
                         "installed: run scripts/install.sh (it installs every backend)") from None
 
 
-__all__ = ["Backend", "Runner", "cases", "get_backend", "names", "select"]
+__all__ = ["Backend", "OpTime", "Runner", "cases", "get_backend", "names", "select"]

@@ -7,6 +7,7 @@ outputs as float32 arrays, class-score maps first, in the order of ``output_name
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -16,6 +17,21 @@ from ..core.host import cpu_flags
 
 if TYPE_CHECKING:
     from ..artifacts.chain import ModelArtifacts
+
+
+@dataclass(frozen=True)
+class OpTime:
+    """One operation of one profiled run: what ran, on which shapes, and for how long.
+    ``weight_shape`` is set for convolutions (output channels first, the rest multiplied
+    give the MACs per output element); ``ms`` is the median over the profiled runs."""
+
+    index: int  # position in execution order
+    name: str  # the backend's own name for it (TVM function symbol, ONNX node name)
+    op: str  # operation kind: "conv", or the backend's op type
+    ms: float
+    input_shapes: tuple[tuple[int, ...], ...] = ()
+    output_shape: tuple[int, ...] | None = None
+    weight_shape: tuple[int, ...] | None = None
 
 
 class Runner(ABC):
@@ -33,6 +49,12 @@ class Runner(ABC):
     @abstractmethod
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         """Raw head outputs for ``batch`` (float32, N x 3 x H x W)."""
+
+    def profile(self, batch: np.ndarray, rounds: int) -> list[OpTime]:
+        """Time per operation of ``run(batch)``: one untimed run, then the median of
+        ``rounds`` profiled runs per operation, in execution order."""
+        raise UserError(f"backend {self.backend!r} has no per-layer profiler here; profile "
+                        "tvm (its VM's call instrument) or onnxruntime (its session profiler)")
 
 
 class Backend(ABC):

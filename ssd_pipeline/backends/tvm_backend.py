@@ -9,11 +9,20 @@ import numpy as np
 
 from ..core.errors import UserError
 from ..core.host import default_threads
-from .base import Backend, Runner, check_batch
+from .base import Backend, OpTime, Runner, check_batch
 
 if TYPE_CHECKING:
     from ..artifacts.chain import ModelArtifacts
     from ..engine.compile import Engine, EngineSpec
+
+
+def conv_label(weight_ohwi: tuple[int, ...], ints: list[int]) -> str:
+    """``oneDNN conv 3x3 s1 d6 512->1024 +relu`` from the shim call's weight shape and its
+    integer arguments (strides 2, padding 4, dilation 2, relu, bf16)."""
+    co, kh, kw, ci = weight_ohwi
+    stride, dilation, relu = ints[0], ints[6], ints[8]
+    return (f"oneDNN conv {kh}x{kw} s{stride}" + (f" d{dilation}" if dilation > 1 else "")
+            + f" {ci}->{co}" + (" +relu" if relu else ""))
 
 
 class TvmRunner(Runner):
@@ -47,6 +56,58 @@ class TvmRunner(Runner):
                             f"{batch.shape[0]}: rebuild with that batch or a dynamic one")
         outs = self._fn(tvm.runtime.tensor(batch))
         return [o.numpy() for o in outs]
+
+    def profile(self, batch: np.ndarray, rounds: int) -> list[OpTime]:
+        """Per call of the Relax VM (its instrument hook, called around every Call
+        instruction): generated kernels, oneDNN convolutions, and the VM's own builtins
+        (allocation, shape bookkeeping) folded into one row."""
+        import statistics
+        import time
+
+        from ..engine.kernels import CONV2D_NHWC
+
+        self.run(batch)  # warm: oneDNN creates its primitives on the first call
+        runs: list[list[tuple[str, float, list[tuple[int, ...]], list[int]]]] = []
+        started: list[float] = []
+
+        def instrument(func: object, symbol: str, before: bool, ret: object, *args: object
+                       ) -> int:
+            now = time.perf_counter()
+            if before:
+                started.append(now)
+            else:
+                took = now - started.pop()
+                if len(runs) == 1:  # shapes once: the hook's own cost lands in the timings
+                    shapes = [tuple(int(d) for d in a.shape) for a in args
+                              if hasattr(a, "shape")]
+                    ints = [int(a) for a in args if isinstance(a, int)]
+                else:
+                    shapes, ints = [], []
+                runs[-1].append((str(symbol), took, shapes, ints))
+            return 0  # VMInstrumentReturnKind.NO_OP: go on as usual
+
+        self.engine.vm.set_instrument(instrument)
+        try:
+            for _ in range(rounds):
+                runs.append([])
+                self.run(batch)
+        finally:
+            self.engine.vm.set_instrument(None)
+        builtin = [sum(c[1] for c in run if c[0].startswith("vm.builtin.")) for run in runs]
+        calls = [[c for c in run if not c[0].startswith("vm.builtin.")] for run in runs]
+        if len({len(c) for c in calls}) != 1:
+            raise RuntimeError("the VM ran a different number of calls in profiled runs")
+        out = []
+        for i, (symbol, _, shapes, ints) in enumerate(calls[0]):
+            ms = statistics.median(run[i][1] for run in calls) * 1e3
+            conv = symbol == CONV2D_NHWC
+            name = conv_label(shapes[1], ints) if conv else symbol
+            out.append(OpTime(i, name, "conv" if conv else symbol.rstrip("0123456789_"),
+                              ms, tuple(shapes[:-1]), shapes[-1] if shapes else None,
+                              shapes[1] if conv else None))
+        out.append(OpTime(len(out), "vm.builtin.* (allocation, shapes)", "vm.builtin",
+                          statistics.median(builtin) * 1e3))
+        return out
 
 
 class TvmBackend(Backend):

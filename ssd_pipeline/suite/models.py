@@ -111,6 +111,18 @@ class ModelBundle:
                 ) -> CocoDetectionSet:
         return self.entry.dataset(self.artifacts.store.root, datasets_dir, max_images)
 
+    def timing_images(self, datasets_dir: str | None, count: int
+                      ) -> tuple[CocoDetectionSet, str]:
+        """Images to time on, and where they came from: the user's (``datasets_dir`` or
+        ``$DATASETS_DIR``) when there are any, else the embedded generated split, as the perf
+        tests do (engine-only time does not depend on what the pixels show)."""
+        if datasets_dir is None and not os.environ.get("DATASETS_DIR"):
+            why = "" if self.entry.embedded else " (no --datasets-dir or DATASETS_DIR)"
+            return (embedded_val_set(self.artifacts.store.root, count),
+                    f"generated images of the embedded split{why}")
+        dataset = self.dataset(datasets_dir, count)
+        return dataset, str(dataset.img_dir)
+
     def runner(self, backend: str, precision: str = "fp32") -> Runner:
         if (backend, precision) not in self._runners:
             self._runners[backend, precision] = get_backend(backend).prepare(
