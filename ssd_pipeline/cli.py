@@ -31,7 +31,7 @@ from .suite.evaluate import accuracy_record, format_table
 from .suite.job import run_job
 from .suite.models import MODELS, ModelBundle, resolve_bundle
 from .suite.profile import default_output, format_profile, profile_runner
-from .suite.report import compare, update_readme, write_report
+from .suite.report import compare, load_accuracy, update_readme, write_report
 
 
 def run_main(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -220,7 +220,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         changed = update_readme(args.readme, args.inputs[0], args.accuracy)
         print(f"{'updated' if changed else 'unchanged'}: {args.readme}")
         return 0
-    print(write_report(args.inputs, args.markdown, args.plot))
+    accuracy = load_accuracy(args.accuracy) if args.accuracy else None
+    print(write_report(args.inputs, args.markdown, args.plot, accuracy))
     for p in (args.markdown, args.plot):
         if p:
             print(f"wrote {p}")
@@ -309,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="JSON file (default out/profile-BACKEND-PRECISION-bsN.json)")
     pr.set_defaults(fn=cmd_profile)
 
-    r = sub.add_parser("report", help="speed records -> Markdown table + PNG plot")
-    r.add_argument("inputs", type=Path, nargs="+",
+    r = sub.add_parser("report", help="speed (and accuracy) records -> Markdown + PNG plots")
+    r.add_argument("inputs", type=Path, nargs="*",
                    help="pytest --benchmark-json files or records files of 'bench'/'run'")
     r.add_argument("--markdown", type=Path, default=None)
     r.add_argument("--plot", type=Path, default=None)
@@ -319,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--readme", type=Path, default=None,
                    help="rewrite this README's generated 'Measured here' block instead")
     r.add_argument("--accuracy", type=Path, default=None,
-                   help="with --readme: the accuracy records (accuracy.json)")
+                   help="accuracy records (accuracy.json of pytest -m accuracy, run or "
+                        "evaluate --output): AP and worst per-class drops vs torch fp32")
     r.set_defaults(fn=cmd_report)
 
     j = sub.add_parser("run", help="the main job: every stage, every backend, one report")

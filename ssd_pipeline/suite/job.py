@@ -84,7 +84,7 @@ def run_job(bundle: ModelBundle, cases: list[tuple[str, str]], datasets_dir: str
         for name, precision in cases:
             log.engine_only(name, precision, batch)
     bench_path = write_records(out / "bench.json", log.records)
-    say(write_report([bench_path], out / "report.md", out / "report.png"))
+    say(write_report([bench_path], out / "report.md", out / "report.png", records))
     verdicts = judge_run(bundle, records, parity, log.records)
     summary = {**spec.provenance(), "dataset": str(dataset.ann_file), "images": len(dataset),
                "accuracy": {f"{r['backend']}/{r['precision']}": r["metrics"]["bbox_mAP_50"]

@@ -105,15 +105,109 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Left: throughput vs batch per backend (solid: engine-only, dashed: end-to-end).
-    Right: engine-only latency p50/p90/p99 per backend at the largest batch."""
+REFERENCE_ACCURACY = ("torch", "fp32")  # what every per-class drop is measured against
+
+
+def load_accuracy(path: Path) -> list[dict[str, Any]]:
+    """Accuracy records (``evaluate --output``, ``run``'s or ``pytest -m accuracy``'s
+    accuracy.json)."""
+    data = read_json(path, "accuracy records")
+    if not isinstance(data, list) or not all(isinstance(r, dict) and "metrics" in r
+                                             for r in data):
+        raise UserError(f"{path} is not a list of accuracy records: write one with "
+                        "pytest -m accuracy (accuracy.json) or ssd-pipeline evaluate --output")
+    return data
+
+
+def _case(r: dict[str, Any]) -> str:
+    return f"{r['backend']}/{r['precision']}"
+
+
+def per_class_drops(records: list[dict[str, Any]], top: int = 10
+                    ) -> list[tuple[str, str, float, float, float]]:
+    """(case, class, reference AP, AP, drop) for every record against the PyTorch fp32
+    record on the same data (same annotation hash and image count), worst drops first;
+    ``top`` per case; classes whose AP did not change are left out, as are classes without
+    ground truth. AP: per-class mAP@0.5:0.95."""
+    refs = {(r.get("dataset_sha256"), r["num_images"]): r for r in records
+            if (r["backend"], r["precision"]) == REFERENCE_ACCURACY}
+    out = []
+    for r in records:
+        ref = refs.get((r.get("dataset_sha256"), r["num_images"]))
+        if ref is None or ref is r:
+            continue
+        ref_pc, pc = ref["metrics"].get("per_class") or {}, r["metrics"].get("per_class") or {}
+        rows = [(_case(r), name, ref_pc[name]["mAP"], pc[name]["mAP"],
+                 ref_pc[name]["mAP"] - pc[name]["mAP"])
+                for name in ref_pc if name in pc and ref_pc[name]["mAP"] is not None
+                and pc[name]["mAP"] is not None and pc[name]["mAP"] != ref_pc[name]["mAP"]]
+        out += sorted(rows, key=lambda t: -t[4])[:top]
+    return out
+
+
+def accuracy_markdown(records: list[dict[str, Any]], top: int = 5) -> str:
+    """AP per backend/precision, then each one's worst per-class drops against PyTorch fp32."""
+    out = ["| backend / precision | images | mAP@0.5 | mAP@0.5:0.95 | mAP_75 | AR@100 |",
+           "|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r["backend"] != "torch", _case(r))):
+        m = r["metrics"]
+        out.append(f"| {_case(r)} | {r['num_images']} | {m['bbox_mAP_50']:.4f} | "
+                   f"{m['bbox_mAP']:.4f} | {m['bbox_mAP_75']:.4f} | {m['bbox_AR@100']:.4f} |")
+    drops = per_class_drops(records, top)
+    if drops:
+        out += ["", f"Worst per-class mAP@0.5:0.95 drops against "
+                f"{'/'.join(REFERENCE_ACCURACY)} (same data), {top} per case:", "",
+                "| backend / precision | class | torch fp32 | this | drop |",
+                "|---|---|---|---|---|"]
+        out += [f"| {case} | {name} | {ref:.4f} | {ap:.4f} | {drop:+.4f} |"
+                for case, name, ref, ap, drop in drops]
+    unchanged = [_case(r) for r in records if _compared(r, records)
+                 and not any(d[0] == _case(r) for d in drops)]
+    if unchanged:
+        out += ["", f"Per-class AP equal to {'/'.join(REFERENCE_ACCURACY)} in every class: "
+                f"{', '.join(unchanged)}."]
+    return "\n".join(out)
+
+
+def _compared(r: dict[str, Any], records: list[dict[str, Any]]) -> bool:
+    """Whether ``r`` has a PyTorch fp32 record on the same data to be compared with."""
+    return (r["backend"], r["precision"]) != REFERENCE_ACCURACY and any(
+        (q["backend"], q["precision"]) == REFERENCE_ACCURACY
+        and q.get("dataset_sha256") == r.get("dataset_sha256")
+        and q["num_images"] == r["num_images"] and q["metrics"].get("per_class")
+        for q in records) and bool(r["metrics"].get("per_class"))
+
+
+def plot(rows: list[dict[str, Any]], path: Path,
+         accuracy: list[dict[str, Any]] | None = None) -> None:
+    """Top left: engine-only throughput vs batch per backend/precision, error bars the 95%
+    interval of img/s (dashed: end-to-end). Top right: latency p50/p90/p99 at the largest
+    batch. With accuracy records, bottom left: AP per backend/precision; bottom right: the
+    worst per-class drops against PyTorch fp32."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    panels = 4 if accuracy else 2
+    fig, axes = plt.subplots(panels // 2, 2, figsize=(14, 5 * (panels // 2)), squeeze=False)
+    ax1, ax2 = axes[0]
+    if rows:
+        _throughput(ax1, rows)
+        _latency(ax2, rows)
+    else:
+        for ax in (ax1, ax2):
+            ax.text(0.5, 0.5, "no speed records given", ha="center", va="center")
+            ax.set_axis_off()
+    if accuracy:
+        _ap_bars(axes[1][0], accuracy)
+        _class_drops(axes[1][1], accuracy)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _throughput(ax: Any, rows: list[dict[str, Any]]) -> None:
     series: dict[tuple, list] = {}
     for r in rows:
         series.setdefault((r["run"], r["backend"], r["precision"], r["mode"]), []).append(r)
@@ -123,43 +217,94 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for (run, backend, precision, mode), pts in sorted(series.items()):
         pts.sort(key=lambda r: int(r["batch"]))
         label = f"{backend}/{precision} {mode}" + (f" [{run}]" if several_runs else "")
-        ax1.plot([int(p["batch"]) for p in pts], [p["images_per_s"] for p in pts],
-                 "-o" if mode == "engine-only" else "--x", label=label,
-                 color=colours[run, backend, precision])
-    ax1.set_xscale("log", base=2)
-    ax1.set_xlabel("batch size")
-    ax1.set_ylabel("images / s")
-    ax1.set_title("Throughput")
-    ax1.grid(True, alpha=0.3)
-    ax1.legend(fontsize=8)
-    engine = [r for r in rows if r["mode"] == "engine-only"]
-    if engine:
-        top = max(int(r["batch"]) for r in engine)
-        sel = sorted((r for r in engine if int(r["batch"]) == top), key=_key)
-        xs = range(len(sel))
-        for q, w in [("p50", -0.25), ("p90", 0), ("p99", 0.25)]:
-            ax2.bar([x + w for x in xs], [r[f"latency_ms_{q}"] for r in sel], 0.25, label=q)
-        ax2.set_xticks(list(xs), [f"{r['backend']}/{r['precision']}" for r in sel],
-                      rotation=20, fontsize=8)
-        ax2.set_ylabel("ms per batch")
-        ax2.set_title(f"Engine-only latency, batch {top}")
-        ax2.legend()
-        ax2.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        ys = [p["images_per_s"] for p in pts]
+        lo = [y - (p.get("images_per_s_ci95_low") or y) for y, p in zip(ys, pts, strict=True)]
+        hi = [(p.get("images_per_s_ci95_high") or y) - y for y, p in zip(ys, pts, strict=True)]
+        ax.errorbar([int(p["batch"]) for p in pts], ys, yerr=[lo, hi], capsize=4,
+                    fmt="-o" if mode == "engine-only" else "--x", label=label,
+                    color=colours[run, backend, precision])
+    ax.set_xscale("log", base=2)
+    batches = sorted({int(r["batch"]) for r in rows})
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.minorticks_off()
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("images / s (bars: 95% interval)")
+    ax.set_title("Throughput")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
 
 
-def write_report(inputs: list[Path], markdown_path: Path | None, png_path: Path | None
-                 ) -> str:
-    rows = load_runs(inputs)
-    table = markdown(rows)
+def _latency(ax: Any, rows: list[dict[str, Any]]) -> None:
+    engine = [r for r in rows if r["mode"] == "engine-only"] or rows
+    top = max(int(r["batch"]) for r in engine)
+    sel = sorted((r for r in engine if int(r["batch"]) == top), key=_key)
+    xs = range(len(sel))
+    for q, w in [("p50", -0.25), ("p90", 0), ("p99", 0.25)]:
+        ax.bar([x + w for x in xs], [r[f"latency_ms_{q}"] for r in sel], 0.25, label=q)
+    ax.set_xticks(list(xs), [f"{r['backend']}/{r['precision']}" for r in sel],
+                  rotation=20, fontsize=8)
+    ax.set_ylabel("ms per batch")
+    ax.set_title(f"{sel[0]['mode'].capitalize()} latency percentiles, batch {top}")
+    ax.legend()
+    ax.grid(True, axis="y", alpha=0.3)
+
+
+def _ap_bars(ax: Any, records: list[dict[str, Any]]) -> None:
+    sel = sorted(records, key=lambda r: (r["backend"] != "torch", _case(r)))
+    xs = range(len(sel))
+    for key, label, w in [("bbox_mAP_50", "mAP@0.5", -0.2), ("bbox_mAP", "mAP@0.5:0.95", 0.2)]:
+        vals = [r["metrics"][key] for r in sel]
+        bars = ax.bar([x + w for x in xs], vals, 0.4, label=label)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.set_xticks(list(xs), [_case(r) for r in sel], rotation=20, fontsize=8)
+    ax.set_ylabel("AP")
+    ax.set_ylim(0, 1.15)  # room for the legend above the bars
+    ax.set_title(f"COCO AP per backend ({sel[0]['num_images']} images)")
+    ax.legend(loc="upper center", ncol=2)
+    ax.grid(True, axis="y", alpha=0.3)
+
+
+def _class_drops(ax: Any, records: list[dict[str, Any]], top: int = 5) -> None:
+    drops = per_class_drops(records, top)
+    if not drops:
+        compared = [_case(r) for r in records if _compared(r, records)]
+        ax.text(0.5, 0.5, "per-class AP equal to torch/fp32 in every class:\n"
+                + ", ".join(compared) if compared else
+                "no PyTorch fp32 record with per-class AP on the same data",
+                ha="center", va="center", wrap=True)
+        ax.set_title("Per-class drops vs torch/fp32")
+        ax.set_axis_off()
+        return
+    cases = sorted({d[0] for d in drops})
+    colours = {c: f"C{i}" for i, c in enumerate(cases)}
+    labels = [f"{case}: {name}" for case, name, *_ in drops]
+    ax.barh(range(len(drops)), [d[4] for d in drops],
+            color=[colours[d[0]] for d in drops])
+    ax.set_yticks(range(len(drops)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel("per-class mAP@0.5:0.95 drop vs torch/fp32 (positive: worse)")
+    ax.set_title(f"Worst {top} per-class drops per backend")
+    ax.grid(True, axis="x", alpha=0.3)
+
+
+def write_report(inputs: list[Path], markdown_path: Path | None, png_path: Path | None,
+                 accuracy: list[dict[str, Any]] | None = None) -> str:
+    """The report: speed table (and accuracy tables, with records given) as Markdown, and
+    the PNG of :func:`plot`."""
+    if not inputs and not accuracy:
+        raise UserError("nothing to report: give speed records files and/or --accuracy")
+    rows = load_runs(inputs) if inputs else []
+    parts = [markdown(rows)] if rows else []
+    if accuracy:
+        parts.append(accuracy_markdown(accuracy))
+    table = "\n\n".join(parts)
     if markdown_path:
         markdown_path.parent.mkdir(parents=True, exist_ok=True)
         markdown_path.write_text(table + "\n")
     if png_path:
         png_path.parent.mkdir(parents=True, exist_ok=True)
-        plot(rows, png_path)
+        plot(rows, png_path, accuracy)
     return table
 
 
