@@ -27,6 +27,14 @@ from .core.timing import matmul_roofline
 from .engine.compile import EngineSpec, cached_engine, cached_engine_dir
 from .model import DEFAULT_CONFIG, ModelSpec
 from .suite.bench import REFERENCE, BenchSettings, first_batch, speed_log_for, write_records
+from .suite.distributed import (
+    DEFAULT_TIMEOUT_S,
+    broadcast_status,
+    check_same_setup,
+    close_world,
+    init_world,
+    setup_fingerprint,
+)
 from .suite.evaluate import accuracy_record, format_table
 from .suite.job import run_job
 from .suite.models import MODELS, ModelBundle, resolve_bundle
@@ -125,19 +133,31 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     _positive(args.batch_size, "--batch-size")
-    bundle = make_bundle(args)
-    cases = _cases(args)
-    dataset = bundle.dataset(args.datasets_dir, args.max_images)
-    post = bundle.postprocessor(dataset.cat_ids)
-    records = [accuracy_record(bundle.runner(name, precision), dataset, post, bundle.settings,
-                               args.batch_size, bundle.spec.provenance(),
-                               progress=not args.quiet)
-               for name, precision in cases]
-    print(format_table(records))
-    if args.output:
-        args.output.write_text(json.dumps(records, indent=1))
-        print(f"wrote {args.output}")
-    return 0
+    if args.dist_timeout <= 0:
+        raise UserError(f"--dist-timeout must be positive, got {args.dist_timeout}")
+    world = init_world(args.dist_timeout)
+    try:
+        bundle = make_bundle(args)
+        cases = _cases(args)
+        dataset = bundle.dataset(args.datasets_dir, args.max_images)
+        post = bundle.postprocessor(dataset.cat_ids)
+        runners = [bundle.runner(name, precision) for name, precision in cases]
+        check_same_setup(world, setup_fingerprint(
+            bundle.spec.weights_label, bundle.artifacts.simplified_onnx_path, runners, dataset,
+            args.batch_size))
+        records = [accuracy_record(runner, dataset, post, bundle.settings, args.batch_size,
+                                   bundle.spec.provenance(), progress=not args.quiet,
+                                   world=world)
+                   for runner in runners]
+        if world.is_main:
+            done = [r for r in records if r is not None]
+            print(format_table(done))
+            if args.output:
+                args.output.write_text(json.dumps(done, indent=1))
+                print(f"wrote {args.output}")
+        return broadcast_status(world, 0)
+    finally:
+        close_world(world)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -273,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-size", type=int, default=32)
     v.add_argument("--output", type=Path, default=None, help="write the JSON records here")
     v.add_argument("--quiet", action="store_true", help="no progress bar")
+    v.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help="under torchrun: seconds a rank waits for the others before the run "
+                        f"ends with an error naming the step (default {DEFAULT_TIMEOUT_S:g})")
     v.set_defaults(fn=cmd_evaluate)
 
     c = sub.add_parser("compile", help="ONNX -> TVM engine (cached by content)")

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .core.errors import UserError
 from .data import COCO80_CATEGORY_IDS, ImageMeta
 
 
@@ -49,8 +50,6 @@ class Postprocessor:
                 raise ValueError(f"the model has {num_classes} classes: pass cat_ids")
             cat_ids = COCO80_CATEGORY_IDS
         if len(cat_ids) != num_classes:
-            from .errors import UserError
-
             raise UserError(f"the annotation file has {len(cat_ids)} categories but the "
                             f"model predicts {num_classes} classes: wrong dataset for this model?")
         self.cat_ids = np.asarray(cat_ids, np.int64)

@@ -129,3 +129,14 @@ def test_malformed_expectations_file(tmp_path, tiny_set, capsys):
     bad.write_text("[parity\nraw = ")
     rc, err = evaluate(capsys, tiny_set, "--expectations", str(bad))
     assert_one_line_error(rc, err, "is not valid TOML", "exp.toml")
+
+
+def test_dataset_of_another_category_set(tmp_path, capsys):
+    """SSD300 predicts COCO's 80 classes: a 3-category annotation file is refused."""
+    from ssd_pipeline.synthetic import make_coco_set
+
+    make_coco_set(tmp_path, "val2017", 2, seed=1, categories=[(1, "a"), (2, "b"), (3, "c")])
+    rc = cli_main(["evaluate", "--model", "ssd300", "--backends", "onnxruntime", "--quiet",
+                   "--datasets-dir", str(tmp_path)])
+    assert_one_line_error(rc, capsys.readouterr().err.strip(), "has 3 categories",
+                          "predicts 80 classes")

@@ -40,11 +40,17 @@ def host_cpu() -> str:
 
 
 def default_threads() -> int:
-    """Cores this process may use (affinity-aware, unlike os.cpu_count)."""
+    """Cores this process may use (affinity-aware, unlike os.cpu_count), shared evenly with
+    the other processes torchrun started on this host (LOCAL_WORLD_SIZE)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, cores // local)
 
 
 def versions(*packages: str) -> dict[str, str]:
