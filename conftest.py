@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ EXPECTATIONS = pytest.StashKey[Any]()
 ACCURACY_RECORDS = pytest.StashKey[list]()
 ACCURACY_PATH = pytest.StashKey[Path]()
 SESSION_ID = pytest.StashKey[str]()  # one per run, shared by its xdist workers
+WORLD = pytest.StashKey[Any]()  # this process's place under torchrun (World; size 1 without)
 
 
 def under_xdist(config: pytest.Config) -> bool:
@@ -76,6 +78,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--accuracy-baseline", default=None, metavar="FILE",
                 help="a saved accuracy.json: fail an accuracy test whose 12 COCO stats fall more "
                      "than regression.stat_drop_max below it (same data required)")
+    g.addoption("--dist-timeout", type=float, default=300.0,
+                help="under torchrun: seconds a rank waits for the others (accuracy tests)")
     g.addoption("--require-data", action="store_true",
                 help="fail (not skip) tests whose data or checkpoint is missing: for CI gating")
 
@@ -117,6 +121,19 @@ def pytest_configure(config: pytest.Config) -> None:
         selected_backends(config)
     except UserError as e:
         raise pytest.UsageError(str(e)) from None
+    from ssd_pipeline.suite.distributed import World, env_world_size, init_world
+
+    config.stash[WORLD] = World()
+    if env_world_size() > 1:
+        if under_xdist(config):
+            raise pytest.UsageError("torchrun and -n do not mix: under torchrun each rank is "
+                                    "one process; drop -n")
+        try:
+            # every rank runs the same session; the accuracy tests shard their images over
+            # the ranks and rank 0 alone judges (see test_accuracy.py)
+            config.stash[WORLD] = init_world(config.option.dist_timeout)
+        except UserError as e:
+            raise pytest.UsageError(str(e)) from None
     if under_xdist(config) and selects_perf(config.option.markexpr):
         raise pytest.UsageError(
             "-m perf under -n: pytest-benchmark is off in xdist workers, so every speed test "
@@ -256,8 +273,19 @@ def write_record_part(config: pytest.Config, record: dict[str, Any]) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Merge this session's accuracy records (from every worker) into accuracy.json."""
+    """Merge this session's accuracy records (from every worker) into accuracy.json; under
+    torchrun every rank ends with rank 0's exit status (rank 0 judged the metrics)."""
     config = session.config
+    world = config.stash.get(WORLD, None)
+    if world is not None and world.distributed:
+        from ssd_pipeline.suite.distributed import broadcast_status, close_world
+
+        try:
+            session.exitstatus = broadcast_status(world, int(exitstatus))
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        close_world(world)
     parts = _parts_dir(config)
     if hasattr(config, "workerinput") or not parts.is_dir():
         return

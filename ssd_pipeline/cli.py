@@ -22,13 +22,23 @@ from .artifacts.simplify import simplify_onnx
 from .core.cache import ArtifactStore
 from .core.errors import UserError
 from .core.expectations import Expectations
-from .core.host import STACK, default_threads, versions
+from .core.host import STACK, default_threads, machine_info, versions
 from .core.timing import matmul_roofline
 from .engine.compile import EngineSpec, cached_engine, cached_engine_dir
 from .model import DEFAULT_CONFIG, ModelSpec
-from .suite.bench import REFERENCE, BenchSettings, first_batch, speed_log_for, write_records
+from .suite.bench import (
+    REFERENCE,
+    BenchSettings,
+    first_batch,
+    speed_log_for,
+    tile_batch,
+    write_records,
+)
 from .suite.distributed import (
     DEFAULT_TIMEOUT_S,
+    THROUGHPUT_FORMAT,
+    World,
+    aggregate_throughput,
     broadcast_status,
     check_same_setup,
     close_world,
@@ -191,6 +201,12 @@ def _bench_settings(args: argparse.Namespace) -> BenchSettings:
 def cmd_bench(args: argparse.Namespace) -> int:
     batches = _batches(args.perf_batches, "--perf-batches")
     settings = _bench_settings(args)
+    world = init_world()
+    try:
+        if args.throughput or world.distributed:
+            return bench_throughput(args, world, batches)
+    finally:
+        close_world(world)
     bundle = make_bundle(args)
     cases = _cases(args)
     dataset, source = bundle.timing_images(args.datasets_dir, max(batches))
@@ -225,6 +241,40 @@ def cmd_profile(args: argparse.Namespace) -> int:
     path.write_text(json.dumps(record, indent=1))
     print(f"wrote {path}")
     return 0
+
+
+def bench_throughput(args: argparse.Namespace, world: World, batches: list[int]) -> int:
+    """Aggregate img/s of every rank together (torchrun), or of this one process: compare
+    ``torchrun --nproc-per-node P ... bench --threads T`` with ``bench --throughput
+    --threads P*T``."""
+    bundle = make_bundle(args)
+    cases = _cases(args)
+    dataset, _ = bundle.timing_images(args.datasets_dir, max(batches))
+    first = first_batch(dataset.images, bundle.settings, len(dataset))
+    runners = [bundle.runner(name, precision) for name, precision in cases]
+    check_same_setup(world, setup_fingerprint(
+        bundle.spec.weights_label, bundle.artifacts.simplified_onnx_path, runners, dataset,
+        max(batches)))
+    rows = []
+    for batch in batches:
+        x = tile_batch(first, batch)
+        for runner in runners:
+            r = aggregate_throughput(world, lambda rn=runner, xb=x: rn.run(xb), batch,
+                                     args.perf_seconds)
+            rows.append({"backend": runner.backend, "precision": runner.precision,
+                         "threads_per_process": runner.threads, **r})
+    if world.is_main:
+        print("| backend | precision | batch | processes x threads | img/s (all together) |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['backend']} | {r['precision']} | {r['batch']} | {r['processes']} x "
+                  f"{r['threads_per_process']} | {r['aggregate_images_per_s']:.2f} |")
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps({"format": THROUGHPUT_FORMAT,
+                                           "machine": machine_info(), **bundle.spec.provenance(),
+                                           "rows": rows}, indent=1))
+        print(f"wrote {args.output}")
+    return broadcast_status(world, 0)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -317,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--perf-seconds", type=float, default=3.0)
     b.add_argument("--output", type=Path, default=Path("out/bench.json"),
                    help="records file (default out/bench.json); 'report' reads it")
+    b.add_argument("--throughput", action="store_true",
+                   help="aggregate img/s instead of per-call timing (always so under torchrun:"
+                        " all processes together, like OpenVINO's throughput hint)")
     b.set_defaults(fn=cmd_bench)
 
     pr = sub.add_parser("profile", help="time per operation of one backend/precision/batch")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import missing_data, progress_stream, write_record_part
+from conftest import WORLD, missing_data, progress_stream, write_record_part
 from ssd_pipeline.core.errors import UserError
 from ssd_pipeline.core.gates import require
 
@@ -45,9 +45,13 @@ def eval_set(pytestconfig, bundles, store):
 
 @pytest.fixture(scope="session")
 def accuracy_of(pytestconfig, bundles, eval_set):
-    """``accuracy_of(model, backend, precision)``: the record of one full run, computed once."""
+    """``accuracy_of(model, backend, precision)``: the record of one full run, computed once.
+    Under torchrun each rank runs its share and rank 0 alone gets the record; the other ranks
+    skip the judging, saying so (the run's exit status is rank 0's)."""
+    from ssd_pipeline.suite.distributed import check_same_setup, setup_fingerprint
     from ssd_pipeline.suite.evaluate import accuracy_record
 
+    world = pytestconfig.stash[WORLD]
     cache: dict = {}
 
     def get(model: str, backend: str, precision: str) -> dict:
@@ -55,12 +59,23 @@ def accuracy_of(pytestconfig, bundles, eval_set):
         if key not in cache:
             dataset = eval_set(model)
             b = bundles(model)
-            rec = accuracy_record(b.runner(backend, precision), dataset,
-                                  b.postprocessor(dataset.cat_ids), b.settings,
-                                  pytestconfig.option.batch_size, b.spec.provenance(),
-                                  progress=progress_stream(pytestconfig))
-            cache[key] = rec | {"model": model}
-            write_record_part(pytestconfig, cache[key])
+            runner = b.runner(backend, precision)
+            batch = pytestconfig.option.batch_size
+            try:
+                check_same_setup(world, setup_fingerprint(
+                    b.spec.weights_label, b.artifacts.simplified_onnx_path, [runner], dataset,
+                    batch))
+                rec = accuracy_record(runner, dataset, b.postprocessor(dataset.cat_ids),
+                                      b.settings, batch, b.spec.provenance(),
+                                      progress=progress_stream(pytestconfig), world=world)
+            except UserError as e:
+                pytest.fail(str(e), pytrace=False)
+            cache[key] = rec and rec | {"model": model}
+            if rec is not None:
+                write_record_part(pytestconfig, cache[key])
+        if cache[key] is None:
+            pytest.skip(f"rank {world.rank} of {world.size} ran its share of the images; "
+                        "rank 0 judges the gathered metric and its verdict is every rank's")
         return cache[key]
 
     return get

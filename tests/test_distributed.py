@@ -25,6 +25,7 @@ from tests.helpers import child_env
 pytestmark = pytest.mark.distributed
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
 COMPARED = ("per_class", "num_detections")
 
 
@@ -66,7 +67,7 @@ def evaluate_args(store, out: Path, *extra: str) -> list[str]:
 
 def run(cmd: list[str], timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env=child_env(**env))
+                          env=child_env(**env), cwd=REPO)
 
 
 def torchrun(*args: str) -> list[str]:
@@ -114,7 +115,7 @@ def node_cmds(store, outs: list[Path], extra: list[list[str]], port: int) -> lis
 def run_nodes(cmds: list[list[str]], timeout: float = 600, **env: str
               ) -> list[subprocess.CompletedProcess]:
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=child_env(**env)) for c in cmds]
+                              env=child_env(**env), cwd=REPO) for c in cmds]
     done = []
     for proc, cmd in zip(procs, cmds, strict=True):
         out, err = proc.communicate(timeout=timeout)
@@ -195,3 +196,57 @@ def test_dead_rank_ends_the_run_without_a_metric(store, tmp_path):
     assert p.returncode != 0
     assert "rank 1: fault drill" in p.stderr and "exitcode  : 3" in p.stderr
     assert not out.exists()
+
+
+def pytest_args(records: Path, *extra: str) -> list[str]:
+    return ["-m", "pytest", "tests/test_accuracy.py", "-m", "accuracy", "--models", "tiny",
+            "--backends", "onnxruntime", "--threads", "1", "--batch-size", "8",
+            "--records-dir", str(records), "-q", "-p", "no:cacheprovider", *extra]
+
+
+@pytest.mark.parametrize("floor, status", [("0.60", 0), ("0.99", 1)])
+def test_pytest_under_torchrun_every_rank_exits_with_rank0s_verdict(tmp_path, single_tiny,
+                                                                     floor, status):
+    """Two "nodes" (one torchrun each, so each rank's own exit status is seen): the gathered
+    metric equals one process's; a floor rank 0 fails fails both ranks."""
+    port = free_port()
+    cmds = [torchrun("--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
+                     "--master-addr", "127.0.0.1", "--master-port", str(port),
+                     *pytest_args(tmp_path, "--expect",
+                                  f"accuracy.ssd_tiny_synthetic.map_min={floor}"))
+            for rank in range(2)]
+    results = run_nodes(cmds)
+    assert [r.returncode != 0 for r in results] == [bool(status)] * 2, \
+        results[0].stdout[-2000:] + results[1].stdout[-2000:]
+    assert "rank 1 of 2 ran its share of the images" in results[1].stdout
+    records = json.loads((tmp_path / "accuracy.json").read_text())
+    ort = next(r for r in records if r["backend"] == "onnxruntime")
+    ref = next(r for r in json.loads(single_tiny.read_text()) if r["backend"] == "onnxruntime")
+    assert ort["world_size"] == 2
+    assert {k: v for k, v in ort["metrics"].items() if k.startswith("bbox_")} == \
+        {k: v for k, v in ref["metrics"].items() if k.startswith("bbox_")}
+
+
+def test_aggregate_throughput_of_two_processes(store, tmp_path):
+    """``bench`` under torchrun: all ranks' images over the longest rank's time, one file."""
+    out = tmp_path / "tp.json"
+    p = run(torchrun("--standalone", "--nproc-per-node", "2", str(BIN / "ssd-pipeline"),
+                     "bench", "--model", "tiny", "--backends", "onnxruntime", "--threads", "1",
+                     "--perf-batches", "2", "--perf-seconds", "1", "--cache-dir",
+                     str(store.root), "--output", str(out)))
+    assert p.returncode == 0, p.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["processes"] == 2 and row["threads_per_process"] == 1
+    assert row["images"] == sum(row["calls_per_rank"]) * 2 and min(row["calls_per_rank"]) > 0
+    assert row["aggregate_images_per_s"] == pytest.approx(row["images"] / row["seconds"],
+                                                          rel=1e-2)
+    assert p.stdout.count("| onnxruntime | fp32 | 2 | 2 x 1 |") == 1
+
+
+def test_threads_are_shared_among_a_hosts_ranks(monkeypatch):
+    from ssd_pipeline.core import host
+
+    monkeypatch.setattr(host.os, "sched_getaffinity", lambda _: set(range(8)))
+    for local, threads in [("1", 8), ("2", 4), ("3", 2), ("16", 1), ("junk", 8)]:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        assert host.default_threads() == threads

@@ -46,11 +46,15 @@ def default_threads() -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
+    return max(1, cores // local_processes())
+
+
+def local_processes() -> int:
+    """How many processes torchrun started on this host (LOCAL_WORLD_SIZE; 1 without it)."""
     try:
-        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:
-        local = 1
-    return max(1, cores // local)
+        return 1
 
 
 def versions(*packages: str) -> dict[str, str]:

@@ -263,3 +263,36 @@ def broadcast_status(world: World, status: int) -> int:
     with collective(world, "sharing rank 0's verdict"):
         dist.broadcast(t, src=0)
     return int(t.item())
+
+
+THROUGHPUT_FORMAT = "ssd_pipeline.throughput/1"
+
+
+def aggregate_throughput(world: World, run: Any, batch: int, seconds: float
+                         ) -> dict[str, Any]:
+    """Images per second of all ranks together calling ``run()`` (one batch a call) for about
+    ``seconds``, started together (a barrier) and counted until the last rank stops: the
+    Offline-scenario figure of P processes x T threads."""
+    import time
+
+    run()  # warm-up
+    if world.distributed:
+        with collective(world, "starting the throughput run"):
+            wait_for_all(world)
+    t0 = time.perf_counter()
+    calls = 0
+    while True:
+        run()
+        calls += 1
+        if time.perf_counter() - t0 >= seconds:
+            break
+    mine = {"calls": calls, "seconds": time.perf_counter() - t0}
+    ranks = [mine]
+    if world.distributed:
+        with collective(world, "gathering throughput counts"):
+            ranks = gather_json(world, mine)
+    images = sum(r["calls"] for r in ranks) * batch
+    span = max(r["seconds"] for r in ranks)
+    return {"batch": batch, "processes": world.size, "images": images,
+            "seconds": round(span, 3), "aggregate_images_per_s": round(images / span, 3),
+            "calls_per_rank": [r["calls"] for r in ranks]}
