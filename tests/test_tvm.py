@@ -170,3 +170,37 @@ def test_cuda_fp16_engine_compiles(artifacts, tmp_path, record_property):
     assert size > 1e6 and record["spec"]["tvm_target"].startswith("{")
     with pytest.raises(UserError, match="CUDA"):
         load_engine(tmp_path, spec)
+
+
+@pytest.mark.parametrize("kh, stride, pad, dilation, relu", [
+    (1, 1, 0, 1, 1),  # pointwise: runs as a oneDNN matmul
+    (1, 1, 0, 1, 0),
+    (1, 2, 0, 1, 1),  # strided 1x1: stays a convolution
+    (3, 1, 1, 1, 1),
+    (3, 2, 1, 1, 0),
+    (3, 1, 6, 6, 1),  # SSD's dilated fc6
+])
+def test_shim_convolution_equals_torch(store, kh, stride, pad, dilation, relu):
+    """The oneDNN shim, called directly, against torch's conv2d (+bias, +ReLU)."""
+    import numpy as np
+    import torch
+    import tvm
+
+    from ssd_pipeline.engine.kernels import build_shim, load_shim
+
+    mod = load_shim(str(build_shim(store)))
+    rng = np.random.default_rng(kh * 100 + stride * 10 + dilation)
+    n, c, h, w, o = 2, 24, 13, 11, 40
+    x = rng.standard_normal((n, c, h, w), dtype=np.float32)
+    wt = rng.standard_normal((o, c, kh, kh), dtype=np.float32) * 0.1
+    b = rng.standard_normal(o, dtype=np.float32)
+    ref = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(wt),
+                                     torch.from_numpy(b), stride, pad, dilation)
+    ref = (torch.relu(ref) if relu else ref).permute(0, 2, 3, 1).contiguous().numpy()
+    out = np.zeros_like(ref)
+    t = [tvm.runtime.tensor(a) for a in (
+        np.ascontiguousarray(x.transpose(0, 2, 3, 1)),
+        np.ascontiguousarray(wt.transpose(0, 2, 3, 1)), b, out)]
+    mod.conv2d_nhwc(t[0], t[1], t[2], stride, stride, pad, pad, pad, pad, dilation, dilation,
+                    relu, 0, t[3])
+    np.testing.assert_allclose(t[3].numpy(), ref, rtol=1e-4, atol=1e-4)
