@@ -82,6 +82,7 @@ def assert_same_metrics(single: Path, multi: Path, world: int) -> None:
         keys = [k for k in x["metrics"] if k.startswith("bbox_") or k in COMPARED]
         assert {k: y["metrics"][k] for k in keys} == {k: x["metrics"][k] for k in keys}, \
             f"{x['backend']}: {world} processes differ from one"
+        assert y["detections_sha256"] == x["detections_sha256"]  # every box, bit for bit
         assert y["world_size"] == world and sum(y["images_per_rank"]) == x["num_images"]
         assert y["threads_per_rank"] == [1] * world
 

@@ -6,6 +6,7 @@ Decoding runs ahead in threads so the engine is not starved.
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import sys
 import time
@@ -21,6 +22,7 @@ from ..postprocess import Detections, Postprocessor
 from .distributed import (
     World,
     collective,
+    detections_to_rows,
     fault_drill,
     gather_detections,
     gather_json,
@@ -81,6 +83,8 @@ def accuracy_record(runner: Runner, dataset: CocoDetectionSet, post: Postprocess
         raise UserError(f"detections came back for {len(dets)} of {len(dataset)} images: "
                         "a rank skipped or repeated work; no metric is reported")
     metrics = evaluate(load_coco(dataset.ann_file), dets, dataset.img_ids)
+    # every box, score and label, in image order: equal hashes mean identical detections
+    digest = hashlib.sha256(detections_to_rows(dets)[1].tobytes()).hexdigest()
     wall_s = time.perf_counter() - t0
     return {
         **runner.info,
@@ -90,6 +94,7 @@ def accuracy_record(runner: Runner, dataset: CocoDetectionSet, post: Postprocess
         "dataset_sha256": file_sha256(dataset.ann_file),
         "num_images": len(dataset),
         "metrics": metrics,
+        "detections_sha256": digest,
         "wall_s": round(wall_s, 3),
         "engine_s": round(max(r["engine_s"] for r in ranks), 3),
         "images_per_s": round(len(dataset) / wall_s, 3),
