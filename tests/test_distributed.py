@@ -176,27 +176,27 @@ def test_mismatched_rank_refuses_to_start(store, tmp_path):
     assert not outs[0].exists() and not outs[1].exists()
 
 
+def run_with_fault(store, out: Path, fault: str) -> subprocess.CompletedProcess:
+    """Two processes on the embedded model with the fault drill ``fault`` (RANK:exit|hang)."""
+    return run(torchrun("--standalone", "--nproc-per-node", "2",
+                        *evaluate_args(store, out, "--model", "tiny", "--backends",
+                                       "onnxruntime", "--dist-timeout", "10")),
+               timeout=300, SSD_PIPELINE_FAULT=fault)
+
+
 def test_hung_rank_is_named_within_the_timeout(store, tmp_path):
-    out = tmp_path / "hang.json"
-    p = run(torchrun("--standalone", "--nproc-per-node", "2",
-                     *evaluate_args(store, out, "--model", "tiny", "--backends", "onnxruntime",
-                                    "--dist-timeout", "10")),
-            timeout=300, SSD_PIPELINE_FAULT="1:hang")
+    p = run_with_fault(store, tmp_path / "hang.json", "1:hang")
     assert p.returncode != 0
     (line,) = error_lines(p.stderr)
     assert "Ranks 1 failed to pass monitoredBarrier" in line and "no metric" in line
-    assert not out.exists()
+    assert not (tmp_path / "hang.json").exists()
 
 
 def test_dead_rank_ends_the_run_without_a_metric(store, tmp_path):
-    out = tmp_path / "dead.json"
-    p = run(torchrun("--standalone", "--nproc-per-node", "2",
-                     *evaluate_args(store, out, "--model", "tiny", "--backends", "onnxruntime",
-                                    "--dist-timeout", "10")),
-            timeout=300, SSD_PIPELINE_FAULT="1:exit")
+    p = run_with_fault(store, tmp_path / "dead.json", "1:exit")
     assert p.returncode != 0
     assert "rank 1: fault drill" in p.stderr and "exitcode  : 3" in p.stderr
-    assert not out.exists()
+    assert not (tmp_path / "dead.json").exists()
 
 
 def pytest_args(records: Path, *extra: str) -> list[str]:
