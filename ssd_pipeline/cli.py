@@ -374,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("profile", help="time per operation of one backend/precision/batch")
     _common(pr, default_model="tiny")
-    pr.add_argument("--backend", default="tvm", help="tvm (default) or onnxruntime")
+    pr.add_argument("--backend", default="tvm",
+                    help="tvm (default), onnxruntime or openvino: each through its own profiler")
     pr.add_argument("--precision", default="fp32")
     pr.add_argument("--batch", type=int, default=8)
     pr.add_argument("--rounds", type=int, default=10,

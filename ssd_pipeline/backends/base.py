@@ -54,7 +54,8 @@ class Runner(ABC):
         """Time per operation of ``run(batch)``: one untimed run, then the median of
         ``rounds`` profiled runs per operation, in execution order."""
         raise UserError(f"backend {self.backend!r} has no per-layer profiler here; profile "
-                        "tvm (its VM's call instrument) or onnxruntime (its session profiler)")
+                        "tvm (its VM's call instrument), onnxruntime (its session profiler) "
+                        "or openvino (its PERF_COUNT counters)")
 
 
 class Backend(ABC):

@@ -86,7 +86,8 @@ def format_profile(record: dict[str, Any], top: int) -> str:
     for row in r["rows"][:top]:
         shape = "x".join(map(str, row["output_shape"])) if row["output_shape"] else ""
         gops = f"{row['gops_per_s']:.0f}" if row["gops_per_s"] else ""
-        out.append(f"| {row['index']} | {row['name'][:60]} | {row['op']} | {shape} | "
+        name = row["name"] if len(row["name"]) <= 60 else "..." + row["name"][-57:]
+        out.append(f"| {row['index']} | {name} | {row['op']} | {shape} | "
                    f"{row['ms']:.2f} | {row['share']:.1%} | {gops} |")
     out += ["", "| kind | calls | ms | share |", "|---|---|---|---|"]
     out += [f"| {k} | {v['calls']} | {v['ms']:.2f} | {v['share']:.1%} |"
