@@ -152,7 +152,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         dataset = bundle.dataset(args.datasets_dir, args.max_images)
         post = bundle.postprocessor(dataset.cat_ids)
         runners = [bundle.runner(name, precision) for name, precision in cases]
-        check_same_setup(world, setup_fingerprint(
+        check_same_setup(world, lambda: setup_fingerprint(
             bundle.spec.weights_label, bundle.artifacts.simplified_onnx_path, runners, dataset,
             args.batch_size))
         records = [accuracy_record(runner, dataset, post, bundle.settings, args.batch_size,
@@ -252,7 +252,7 @@ def bench_throughput(args: argparse.Namespace, world: World, batches: list[int])
     dataset, _ = bundle.timing_images(args.datasets_dir, max(batches))
     first = first_batch(dataset.images, bundle.settings, len(dataset))
     runners = [bundle.runner(name, precision) for name, precision in cases]
-    check_same_setup(world, setup_fingerprint(
+    check_same_setup(world, lambda: setup_fingerprint(
         bundle.spec.weights_label, bundle.artifacts.simplified_onnx_path, runners, dataset,
         max(batches)))
     rows = []

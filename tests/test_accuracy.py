@@ -62,7 +62,7 @@ def accuracy_of(pytestconfig, bundles, eval_set):
             runner = b.runner(backend, precision)
             batch = pytestconfig.option.batch_size
             try:
-                check_same_setup(world, setup_fingerprint(
+                check_same_setup(world, lambda: setup_fingerprint(
                     b.spec.weights_label, b.artifacts.simplified_onnx_path, [runner], dataset,
                     batch))
                 rec = accuracy_record(runner, dataset, b.postprocessor(dataset.cat_ids),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -138,13 +138,16 @@ def gather_json(world: World, value: Any) -> list[Any]:
             for p in gather_arrays(world, raw.reshape(-1, 1).astype(np.float64))]
 
 
-def check_same_setup(world: World, fingerprint: dict[str, Any]) -> None:
-    """Refuse to start, on every rank, when any rank's fingerprint differs from rank 0's."""
+def check_same_setup(world: World, fingerprint: Callable[[], dict[str, Any]]) -> None:
+    """Refuse to start, on every rank, when any rank's fingerprint differs from rank 0's.
+    ``fingerprint`` is called only under torchrun (hashing builds the ONNX, which a
+    single-process torch-only run never needs)."""
     if not world.distributed:
         return
+    mine = fingerprint()
     with collective(world, "comparing the ranks' setups"):
         wait_for_all(world)
-        prints = gather_json(world, fingerprint)
+        prints = gather_json(world, mine)
     for rank, other in enumerate(prints[1:], start=1):
         diff = sorted(k for k in set(prints[0]) | set(other) if prints[0].get(k) != other.get(k))
         if diff:
