@@ -19,6 +19,7 @@ from ...core.errors import UserError
 SOURCE = Path(__file__).with_name("dnnl_conv.cc")
 LIB_NAME = "ssd_dnnl.so"
 CONV2D_NHWC = "ssd_pipeline.dnnl.conv2d_nhwc"
+CONV2D_NHWC_INT8 = "ssd_pipeline.dnnl.conv2d_nhwc_int8"
 
 
 def _onednn_prefix() -> Path:
@@ -67,4 +68,5 @@ def load_shim(path: str) -> Any:
 
     mod = tvm_ffi.load_module(path)
     tvm_ffi.register_global_func(CONV2D_NHWC, mod.conv2d_nhwc, override=True)
+    tvm_ffi.register_global_func(CONV2D_NHWC_INT8, mod.conv2d_nhwc_int8, override=True)
     return mod

@@ -7,6 +7,11 @@
 // float32, weights OHWI float32 (constants), bias (O) float32. With bf16=1 the convolution
 // computes in bfloat16 (avx512_bf16 / AMX where present) and still reads/writes float32.
 //
+// int8 (conv2d_nhwc_int8): u8 NHWC activations (zero point 0: they follow a ReLU), s8 OHWI
+// weights with one scale per output channel, f32 bias; s32 accumulation, the scales, bias and
+// ReLU applied inside the primitive; the destination is u8 (requantized with its own scale,
+// so the next convolution reads it as is) or f32 (dequantized, for float consumers).
+//
 // Primitives and reordered weights are cached per (shapes, attributes, weight address); the
 // weights' content is fingerprinted so a reused address with other weights is never served a
 // stale reorder.
@@ -49,12 +54,21 @@ std::vector<float> Fingerprint(const float* p, int64_t n) {
   return fp;
 }
 
+// 16 bytes spread over any tensor's data (int8 weights).
+std::vector<float> FingerprintBytes(const void* p, int64_t nbytes) {
+  std::vector<float> fp(16);
+  auto b = static_cast<const unsigned char*>(p);
+  for (int i = 0; i < 16; ++i) fp[i] = b[(nbytes - 1) * i / 15];
+  return fp;
+}
+
 struct Conv {
   dnnl::primitive prim;  // convolution_forward, or matmul for a pointwise (1x1) convolution
   dnnl::memory::desc src_user, src_prim, dst_md, bias_md;
   dnnl::memory weights;            // in the primitive's preferred format and type
   std::vector<float> fingerprint;  // of the user's weights
   bool src_reorder = false;
+  std::unordered_map<int, dnnl::memory> scales;  // int8: DNNL_ARG_ATTR_SCALES | arg -> values
 };
 
 std::mutex g_mu;
@@ -167,6 +181,127 @@ void Conv2dNHWC(TensorView src, TensorView weight, TensorView bias, int64_t sh, 
   s.wait();
 }
 
+bool IsDtype(const TensorView& t, DLDataTypeCode code, int bits) {
+  return t.dtype().code == code && t.dtype().bits == bits && t.dtype().lanes == 1;
+}
+
+dnnl::memory ScaleMemory(const float* values, int64_t n) {
+  dnnl::memory m({{n}, dnnl::memory::data_type::f32, dnnl::memory::format_tag::a}, CpuEngine());
+  std::memcpy(m.get_data_handle(), values, sizeof(float) * n);
+  return m;
+}
+
+std::shared_ptr<Conv> MakeConvInt8(const TensorView& src, const TensorView& weight,
+                                   const TensorView& wscale, const TensorView& dst,
+                                   float src_scale, float dst_scale, int64_t sh, int64_t sw,
+                                   int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t dh,
+                                   int64_t dw, bool relu) {
+  using tag = dnnl::memory::format_tag;
+  using dt = dnnl::memory::data_type;
+  const int64_t n = src.size(0), h = src.size(1), w = src.size(2), c = src.size(3);
+  const int64_t o = weight.size(0), kh = weight.size(1), kw = weight.size(2);
+  const int64_t oh = dst.size(1), ow = dst.size(2);
+  const bool dst_u8 = IsDtype(dst, kDLUInt, 8);
+  const dt dst_dt = dst_u8 ? dt::u8 : dt::f32;
+  auto conv = std::make_shared<Conv>();
+  dnnl::post_ops ops;
+  if (relu) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+  dnnl::primitive_attr attr;
+  attr.set_post_ops(ops);
+  const bool pointwise = kh == 1 && kw == 1 && sh == 1 && sw == 1 && pt == 0 && pl == 0 &&
+                         pb == 0 && pr == 0 && oh == h && ow == w;
+  // weights' scales: one per output channel, which is dim 0 of OIHW and dim 1 of matmul's KxN
+  attr.set_scales_mask(DNNL_ARG_SRC, 0);
+  attr.set_scales_mask(DNNL_ARG_WEIGHTS, pointwise ? 1 << 1 : 1 << 0);
+  if (dst_u8) attr.set_scales_mask(DNNL_ARG_DST, 0);
+  dnnl::stream s(CpuEngine());
+  dnnl::memory wei_user;
+  dnnl::memory::desc wei_prim;
+  if (pointwise) {  // see MakeConv: oneDNN's matmul is the faster pointwise kernel
+    const int64_t m = n * h * w;
+    conv->src_user = conv->src_prim = dnnl::memory::desc({m, c}, dt::u8, tag::ab);
+    conv->dst_md = dnnl::memory::desc({m, o}, dst_dt, tag::ab);
+    conv->bias_md = dnnl::memory::desc({1, o}, dt::f32, tag::ab);
+    auto pd = dnnl::matmul::primitive_desc(CpuEngine(), conv->src_prim,
+                                           dnnl::memory::desc({c, o}, dt::s8, tag::any),
+                                           conv->bias_md, conv->dst_md, attr);
+    conv->prim = dnnl::matmul(pd);
+    wei_user = dnnl::memory({{c, o}, dt::s8, tag::ba}, CpuEngine(), weight.data_ptr());
+    wei_prim = pd.weights_desc();
+  } else {
+    conv->src_user = conv->src_prim = dnnl::memory::desc({n, c, h, w}, dt::u8, tag::nhwc);
+    conv->dst_md = dnnl::memory::desc({n, o, oh, ow}, dst_dt, tag::nhwc);
+    conv->bias_md = dnnl::memory::desc({o}, dt::f32, tag::a);
+    auto pd = dnnl::convolution_forward::primitive_desc(
+        CpuEngine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+        conv->src_prim, dnnl::memory::desc({o, c, kh, kw}, dt::s8, tag::any), conv->bias_md,
+        conv->dst_md, {sh, sw}, {dh - 1, dw - 1}, {pt, pl}, {pb, pr}, attr);
+    conv->prim = dnnl::convolution_forward(pd);
+    wei_user = dnnl::memory({{o, c, kh, kw}, dt::s8, tag::ohwi}, CpuEngine(), weight.data_ptr());
+    wei_prim = pd.weights_desc();
+  }
+  conv->weights = dnnl::memory(wei_prim, CpuEngine());
+  dnnl::reorder(wei_user, conv->weights).execute(s, wei_user, conv->weights);
+  s.wait();
+  conv->scales[DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC] = ScaleMemory(&src_scale, 1);
+  conv->scales[DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS] =
+      ScaleMemory(static_cast<const float*>(wscale.data_ptr()), o);
+  if (dst_u8) conv->scales[DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST] = ScaleMemory(&dst_scale, 1);
+  conv->fingerprint = FingerprintBytes(weight.data_ptr(), weight.numel());
+  return conv;
+}
+
+// conv2d_nhwc_int8(src u8 NHWC, weight s8 OHWI, weight scales f32 (O), bias f32 (O),
+//                  src scale, dst scale, strides, pads, dilations, relu, dst u8|f32 NHWC)
+void Conv2dNHWCInt8(TensorView src, TensorView weight, TensorView wscale, TensorView bias,
+                    double src_scale, double dst_scale, int64_t sh, int64_t sw, int64_t pt,
+                    int64_t pl, int64_t pb, int64_t pr, int64_t dh, int64_t dw, int64_t relu,
+                    TensorView dst) {
+  TVM_FFI_ICHECK(IsDtype(src, kDLUInt, 8) && src.ndim() == 4 && src.IsContiguous())
+      << "src must be a contiguous uint8 NHWC tensor";
+  TVM_FFI_ICHECK(IsDtype(weight, kDLInt, 8) && weight.ndim() == 4 && weight.IsContiguous())
+      << "weight must be a contiguous int8 OHWI tensor";
+  CheckF32(wscale, "weight scales", 1);
+  CheckF32(bias, "bias", 1);
+  TVM_FFI_ICHECK((IsDtype(dst, kDLUInt, 8) || IsDtype(dst, kDLFloat, 32)) && dst.ndim() == 4 &&
+                 dst.IsContiguous()) << "dst must be a contiguous uint8 or float32 NHWC tensor";
+  TVM_FFI_ICHECK(weight.size(3) == src.size(3)) << "weight OHWI input channels "
+      << weight.size(3) << " != src channels " << src.size(3) << " (groups are not supported)";
+  TVM_FFI_ICHECK(bias.size(0) == weight.size(0) && wscale.size(0) == weight.size(0) &&
+                 dst.size(3) == weight.size(0));
+  TVM_FFI_ICHECK(src_scale > 0 && dst_scale > 0) << "scales must be positive";
+  std::ostringstream key;
+  key << "int8;" << src.size(0) << ',' << src.size(1) << ',' << src.size(2) << ','
+      << src.size(3) << ';' << weight.size(0) << ',' << weight.size(1) << ',' << weight.size(2)
+      << ';' << dst.size(1) << ',' << dst.size(2) << ';' << sh << sw << ';' << pt << ',' << pl
+      << ',' << pb << ',' << pr << ';' << dh << dw << relu << ';' << int(dst.dtype().code)
+      << ';' << src_scale << ',' << dst_scale << ';' << weight.data_ptr() << ','
+      << wscale.data_ptr();
+  std::shared_ptr<Conv> conv;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    auto it = g_cache.find(key.str());
+    auto fp = FingerprintBytes(weight.data_ptr(), weight.numel());
+    if (it != g_cache.end() && it->second->fingerprint == fp) {
+      conv = it->second;
+    } else {
+      conv = MakeConvInt8(src, weight, wscale, dst, static_cast<float>(src_scale),
+                          static_cast<float>(dst_scale), sh, sw, pt, pl, pb, pr, dh, dw,
+                          relu != 0);
+      g_cache[key.str()] = conv;
+    }
+  }
+  auto& eng = CpuEngine();
+  dnnl::stream s(eng);
+  std::unordered_map<int, dnnl::memory> args = conv->scales;
+  args[DNNL_ARG_SRC] = dnnl::memory(conv->src_user, eng, src.data_ptr());
+  args[DNNL_ARG_WEIGHTS] = conv->weights;
+  args[DNNL_ARG_BIAS] = dnnl::memory(conv->bias_md, eng, bias.data_ptr());
+  args[DNNL_ARG_DST] = dnnl::memory(conv->dst_md, eng, dst.data_ptr());
+  conv->prim.execute(s, args);
+  s.wait();
+}
+
 int64_t CacheSize() {
   std::lock_guard<std::mutex> lock(g_mu);
   return static_cast<int64_t>(g_cache.size());
@@ -183,6 +318,7 @@ void ClearCache() {
 }  // namespace
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(conv2d_nhwc, Conv2dNHWC);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(conv2d_nhwc_int8, Conv2dNHWCInt8);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cache_size, CacheSize);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(clear_cache, ClearCache);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(set_num_threads, SetNumThreads);
