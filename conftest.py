@@ -41,6 +41,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="unpickle --weight fully (it can run code) instead of torch's weights-only "
                      "load; only for files you trust. Recorded in every record")
     g.addoption("--cfg", default=None, help="mmdet config (default: the packaged SSD300 one)")
+    g.addoption("--calib-images", default=os.environ.get("CALIB_IMAGES_DIR"),
+                help="SSD300 int8: calibration images never scored (e.g. a few hundred COCO "
+                     "train2017 images; default $CALIB_IMAGES_DIR). Without them, SSD300 int8 "
+                     "accuracy skips (random-init SSD300 calibrates on generated images)")
     g.addoption("--datasets-dir", default=os.environ.get("DATASETS_DIR"),
                 help="COCO root with annotations/instances_val2017.json (default $DATASETS_DIR)")
     g.addoption("--max-images", type=int, default=None, help="accuracy on the first N images")
@@ -352,7 +356,7 @@ def bundles(pytestconfig: pytest.Config, store: Any, expectations: Any) -> Any:
                 cache[name] = resolve_bundle(
                     name, expectations, store, weight=None if own else opt.weight,
                     cfg=None if own else opt.cfg, trust_checkpoint=opt.trust_checkpoint,
-                    threads=opt.threads)
+                    threads=opt.threads, calib_images=None if own else opt.calib_images)
             except UserError as e:
                 pytest.exit(f"error: {e}", returncode=4)
         return cache[name]

@@ -73,6 +73,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="unpickle the checkpoint fully (it can run code) instead of torch's "
                         "weights-only load; only for files you trust. Recorded in every record")
+    p.add_argument("--calib-images", type=Path, default=None,
+                   help="int8: directory of calibration images the model is not scored on "
+                        "(e.g. a few hundred COCO train2017 images); the embedded model and a "
+                        "random-init SSD300 calibrate on a generated split")
 
 
 def _common(p: argparse.ArgumentParser, default_model: str = "ssd300") -> None:
@@ -116,7 +120,8 @@ def make_bundle(args: argparse.Namespace) -> ModelBundle:
     _positive(args.threads, "--threads")
     return resolve_bundle(args.model, Expectations.load(args.expectations, args.expect),
                           ArtifactStore(args.cache_dir), weight=args.weight, cfg=args.cfg,
-                          trust_checkpoint=args.trust_checkpoint, threads=args.threads)
+                          trust_checkpoint=args.trust_checkpoint, threads=args.threads,
+                          calib_images=getattr(args, "calib_images", None))
 
 
 def _cases(args: argparse.Namespace) -> list[tuple[str, str]]:

@@ -8,6 +8,7 @@ it equal to mmdet's own ``Compose(test_pipeline)`` + ``DetDataPreprocessor``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections import deque
@@ -247,3 +248,50 @@ def batches(records: list[ImageRecord], batch_size: int, settings: PreprocessSet
             n = len(items)
             arrays = [a for a, _ in items] + [items[-1][0]] * (batch_size - n)
             yield Batch(np.stack(arrays), [m for _, m in items], n)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+@dataclass(frozen=True)
+class CalibrationImages:
+    """The images int8 calibration runs through the float model: never the scored ones.
+
+    ``source`` says where they came from (a directory, or a generated split and its seed);
+    ``sha256`` (names and bytes of every image) goes into the cache key and engine record, so
+    an engine calibrated on other images is never served."""
+
+    paths: tuple[Path, ...]
+    source: str
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike[str], limit: int | None = None
+                 ) -> CalibrationImages:
+        root = Path(path).expanduser()
+        if not root.is_dir():
+            raise UserError(f"--calib-images {root} does not exist or is not a directory: "
+                            "pass a directory of images the model is not scored on (e.g. a "
+                            "few hundred train2017 images)")
+        paths = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise UserError(f"--calib-images {root} holds no images "
+                            f"({', '.join(IMAGE_SUFFIXES)})")
+        return cls(tuple(paths[:limit] if limit else paths), str(root))
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        for p in self.paths:
+            try:
+                h.update(p.name.encode() + b"\0" + p.read_bytes())
+            except OSError as e:
+                raise UserError(f"calibration image {p} cannot be read: {e.strerror}"
+                                ) from None
+        return h.hexdigest()
+
+    def arrays(self, settings: PreprocessSettings) -> Iterator[np.ndarray]:
+        """Each image preprocessed as the scored ones are, as a batch of one."""
+        for p in self.paths:
+            yield preprocess(load_image(p), settings)[0][None]

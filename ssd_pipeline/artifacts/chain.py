@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.cache import ArtifactStore, file_sha256
-from ..core.host import versions
-from ..model import ModelSpec, build_model, head_outputs_module
+from ..core.errors import UserError
+from ..core.host import int8_weight_bits, versions
+from ..data import CalibrationImages, PreprocessSettings
+from ..model import ModelSpec, build_model, head_outputs_module, load_config
+from .calibrate import CALIBRATION_FILE, QDQ_FILE, quantize_qdq, write_calibration
 from .export import OPSET, export_onnx
 from .simplify import simplify_onnx
 
@@ -30,11 +33,14 @@ class ModelArtifacts:
     simplified ONNX. Backends prepare from these; engines are built from the simplified ONNX."""
 
     def __init__(self, spec: ModelSpec, store: ArtifactStore, simplify_rel_err_max: float,
-                 opset: int = OPSET) -> None:
+                 opset: int = OPSET, calibration: CalibrationImages | None = None,
+                 calibration_method: str = "minmax") -> None:
         self.spec = spec
         self.store = store
         self.simplify_rel_err_max = simplify_rel_err_max
         self.opset = opset
+        self.calibration = calibration  # int8: images never scored; None: int8 unavailable
+        self.calibration_method = calibration_method
 
     @functools.cached_property
     def torch_model(self) -> torch.nn.Module:
@@ -87,3 +93,45 @@ class ModelArtifacts:
             "export": json.loads((self.onnx_dir / INFO_FILE).read_text()),
             "simplify": json.loads((self.simplified_dir / INFO_FILE).read_text()),
         }
+
+    def _calibration_images(self) -> CalibrationImages:
+        if self.calibration is None:
+            raise UserError("int8 needs calibration images the model is not scored on: pass "
+                            "--calib-images DIR (e.g. a few hundred COCO train2017 images)")
+        return self.calibration
+
+    def _calibration_inputs(self, method: str) -> dict[str, Any]:
+        images = self._calibration_images()
+        return {"onnx_sha256": file_sha256(self.simplified_onnx_path), "method": method,
+                "images_sha256": images.sha256, "num_images": len(images.paths),
+                "weight_bits": int8_weight_bits(), "versions": versions("onnxruntime")}
+
+    def _calibration_batches(self) -> Any:
+        settings = PreprocessSettings.from_config(load_config(self.spec.config))
+        return self._calibration_images().arrays(settings)
+
+    def calibration_path(self, method: str | None = None) -> Path:
+        """Our engine's int8 calibration record (activation ranges by convolution)."""
+        method = method or self.calibration_method
+        images = self._calibration_images()
+
+        def build(tmp: Path) -> None:
+            write_calibration(self.simplified_onnx_path, self._calibration_batches(), method,
+                              tmp, {"images_sha256": images.sha256,
+                                    "images_source": images.source})
+
+        return self.store.get_or_build("calibration", self._calibration_inputs(method),
+                                       build) / CALIBRATION_FILE
+
+    def qdq_onnx_path(self, method: str | None = None) -> Path:
+        """ONNX Runtime's QDQ int8 model from the same images and method: what the int8
+        peers (ONNX Runtime, OpenVINO) run."""
+        method = method or self.calibration_method
+
+        def build(tmp: Path) -> None:
+            info = quantize_qdq(self.simplified_onnx_path, self._calibration_batches, method,
+                                tmp / QDQ_FILE)
+            (tmp / INFO_FILE).write_text(json.dumps(info))
+
+        return self.store.get_or_build("onnx-qdq", self._calibration_inputs(method),
+                                       build) / QDQ_FILE

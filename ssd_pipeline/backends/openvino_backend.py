@@ -24,8 +24,9 @@ class OpenVinoRunner(Runner):
         check_external_data(path)
         core = ov.Core()
         model = core.read_model(path)
-        # fp32 unless asked: OpenVINO would otherwise run bf16 on CPUs that have it
-        hint = "f32" if precision == "fp32" else "bf16"
+        # fp32 unless asked: OpenVINO would otherwise run bf16 on CPUs that have it. int8: the
+        # QDQ model, whose quantized ops OpenVINO runs in int8 (the rest stays f32)
+        hint = "bf16" if precision == "bf16" else "f32"
         self.path = path
         config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_PRECISION_HINT": hint}
@@ -88,10 +89,11 @@ class OpenVinoRunner(Runner):
 class OpenVinoBackend(Backend):
     name = "openvino"
 
-    precisions = ("fp32", "bf16")
+    precisions = ("fp32", "bf16", "int8")
 
     def prepare(self, artifacts: ModelArtifacts, *, precision: str = "fp32",
                 threads: int | None = None, batch_size: int | None = None) -> Runner:
         self.check_precision(precision)
-        return OpenVinoRunner(str(artifacts.simplified_onnx_path), threads or default_threads(),
-                              precision)
+        path = (artifacts.qdq_onnx_path() if precision == "int8"
+                else artifacts.simplified_onnx_path)
+        return OpenVinoRunner(str(path), threads or default_threads(), precision)

@@ -32,7 +32,7 @@ def session_options(threads: int, profile_prefix: str | None = None) -> Any:
 
 
 class OrtRunner(Runner):
-    def __init__(self, path: str, threads: int) -> None:
+    def __init__(self, path: str, threads: int, precision: str = "fp32") -> None:
         import onnxruntime as ort
 
         check_external_data(path)
@@ -41,7 +41,7 @@ class OrtRunner(Runner):
                                             providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         names = [o.name for o in self.session.get_outputs()]
-        super().__init__("onnxruntime", "fp32", threads, names,
+        super().__init__("onnxruntime", precision, threads, names,
                          {"device": "cpu", "onnxruntime": ort.__version__,
                           "model_sha256": file_sha256(path)})
 
@@ -88,9 +88,12 @@ class OrtRunner(Runner):
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
-    precisions = ("fp32",)
+    precisions = ("fp32", "int8")  # int8: ONNX Runtime's QDQ model (quantize_static)
 
     def prepare(self, artifacts: ModelArtifacts, *, precision: str = "fp32",
                 threads: int | None = None, batch_size: int | None = None) -> Runner:
         self.check_precision(precision)
+        if precision == "int8":
+            return OrtRunner(str(artifacts.qdq_onnx_path()), threads or default_threads(),
+                             "int8")
         return OrtRunner(str(artifacts.simplified_onnx_path), threads or default_threads())

@@ -64,7 +64,7 @@ class TvmRunner(Runner):
         import statistics
         import time
 
-        from ..engine.kernels import CONV2D_NHWC
+        from ..engine.kernels import CONV2D_NHWC, CONV2D_NHWC_INT8
 
         self.run(batch)  # warm: oneDNN creates its primitives on the first call
         runs: list[list[tuple[str, float, list[tuple[int, ...]], list[int]]]] = []
@@ -100,8 +100,10 @@ class TvmRunner(Runner):
         out = []
         for i, (symbol, _, shapes, ints) in enumerate(calls[0]):
             ms = statistics.median(run[i][1] for run in calls) * 1e3
-            conv = symbol == CONV2D_NHWC
+            conv = symbol in (CONV2D_NHWC, CONV2D_NHWC_INT8)
             name = conv_label(shapes[1], ints) if conv else symbol
+            if symbol == CONV2D_NHWC_INT8:
+                name = name.replace("oneDNN conv", "oneDNN int8 conv")
             out.append(OpTime(i, name, "conv" if conv else symbol.rstrip("0123456789_"),
                               ms, tuple(shapes[:-1]), shapes[-1] if shapes else None,
                               shapes[1] if conv else None))
@@ -113,18 +115,22 @@ class TvmRunner(Runner):
 class TvmBackend(Backend):
     name = "tvm"
 
-    precisions = ("fp32", "bf16")
+    precisions = ("fp32", "bf16", "int8")
 
     def prepare(self, artifacts: ModelArtifacts, *, precision: str = "fp32",
                 threads: int | None = None, batch_size: int | None = None) -> Runner:
         import os
 
+        from ..core.cache import file_sha256
         from ..engine.compile import EngineSpec, cached_engine
 
         self.check_precision(precision)
         threads = threads or default_threads()
         os.environ.setdefault("TVM_NUM_THREADS", str(threads))
-        spec = EngineSpec(target="cpu", precision=precision, batch=None)
-        engine = cached_engine(artifacts.store, artifacts.simplified_onnx_path, spec)
+        calibration = artifacts.calibration_path() if precision == "int8" else None
+        spec = EngineSpec(target="cpu", precision=precision, batch=None,
+                          calibration=calibration and file_sha256(calibration))
+        engine = cached_engine(artifacts.store, artifacts.simplified_onnx_path, spec,
+                               calibration)
         return TvmRunner(engine, spec, threads,
                          list(engine.record["outputs"]))

@@ -32,6 +32,17 @@ def cpu_model() -> str:
     return "unknown"
 
 
+def has_vnni() -> bool:
+    """AVX512-VNNI or AVX-VNNI: u8*s8 dot products accumulate in int32 (no int16 pair sum)."""
+    return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
+
+
+def int8_weight_bits() -> int:
+    """Bits int8 weights may use here: without VNNI, AVX2's ``vpmaddubsw`` sums u8*s8 pairs in
+    int16, which 255*127*2 overflows and 255*63*2 does not."""
+    return 8 if has_vnni() else 7
+
+
 def host_cpu() -> str:
     """LLVM's name for this CPU (TVM's bundled LLVM rejects -mcpu=native)."""
     import tvm

@@ -4,9 +4,12 @@ OpenVINO) read a file the user never chose. Every ONNX the suite reads passes he
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from .errors import UserError
 
@@ -74,3 +77,9 @@ def _external(graph: Any) -> Any:
     import onnx
 
     return (t for t in _tensors(graph) if t.data_location == onnx.TensorProto.EXTERNAL)
+
+
+def weight_key(w_oihw: np.ndarray) -> str:
+    """Identity of a convolution across graph rewrites: its float32 OIHW weights' hash
+    (calibration records and the int8 engine meet on it)."""
+    return hashlib.sha256(np.ascontiguousarray(w_oihw, np.float32).tobytes()).hexdigest()[:24]

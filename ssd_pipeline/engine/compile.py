@@ -3,7 +3,9 @@
 CPU (``llvm`` for the host CPU): the graph is rewritten to NHWC and every convolution (with its
 bias and ReLU) is offloaded to oneDNN through ``call_dps_packed`` (``kernels/dnnl_conv.cc``);
 TVM generates the remaining ops (pooling, L2Norm, layout changes). ``bf16`` runs the
-convolutions in bfloat16 (CPUs with avx512_bf16), reading and writing float32.
+convolutions in bfloat16 (CPUs with avx512_bf16), reading and writing float32. ``int8`` runs
+them as oneDNN int8 primitives with u8 activations between them (:mod:`.quantize`), from a
+calibration record whose hash is part of the spec.
 ``offload="none"`` keeps everything in TVM-generated code (untuned: seconds per image).
 
 CUDA: the whole graph in TVM with dlight's default GPU schedules; ``fp16`` through
@@ -28,12 +30,12 @@ from ..core.host import cpu_flags, default_threads, host_cpu
 from ..core.onnxfile import load_onnx
 
 # Bump when the pass pipeline changes: it is part of every engine's cache key.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 ENGINE_FILE = "engine.so"
 META_FILE = "engine.json"
 INPUT_CHW = (3, 300, 300)
 MIN_OPSET = 11  # what the exporter and TVM's ONNX frontend are exercised with (we write 13)
-PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16")}
+PRECISIONS = {"cpu": ("fp32", "bf16", "int8"), "cuda": ("fp32", "fp16")}
 OFFLOADS = {"cpu": ("dnnl", "none"), "cuda": ("none",)}
 
 
@@ -46,6 +48,7 @@ class EngineSpec:
     batch: int | None = None
     offload: str = "dnnl"
     cuda_arch: str = "sm_90"
+    calibration: str | None = None  # int8: sha256 of the calibration record
 
     def __post_init__(self) -> None:
         if self.target not in PRECISIONS:
@@ -63,6 +66,11 @@ class EngineSpec:
             raise UserError(f"batch size must be positive, got {self.batch}")
         if (self.target, self.precision) == ("cpu", "bf16") and "avx512_bf16" not in cpu_flags():
             raise UserError("bf16 needs a CPU with avx512_bf16 (this one has none): use fp32")
+        if self.precision == "int8" and (self.calibration is None or offload != "dnnl"):
+            raise UserError("an int8 engine needs a calibration record and offload='dnnl' "
+                            "(its convolutions are oneDNN int8 primitives)")
+        if self.precision != "int8":
+            object.__setattr__(self, "calibration", None)
 
     def tvm_target(self) -> Any:
         import tvm
@@ -78,6 +86,8 @@ class EngineSpec:
         d = asdict(self)
         if self.target != "cuda":
             d.pop("cuda_arch")
+        if self.precision != "int8":
+            d.pop("calibration")
         return d | {"tvm_target": str(self.tvm_target().export()) if self.target == "cuda"
                     else f"llvm -mcpu={host_cpu()}", "tvm": version("apache-tvm"),
                     "pipeline": PIPELINE_VERSION}
@@ -119,6 +129,14 @@ def import_onnx(onnx_path: str | Path, batch: int | None) -> tuple[Any, list[str
     return mod, [o.name for o in model.graph.output]
 
 
+def to_nhwc(mod: Any) -> Any:
+    """Convolutions NHWC with OHWI constant weights (what the oneDNN shim takes)."""
+    from tvm import relax
+
+    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
+    return relax.transform.FoldConstant()(mod)  # weight permutes become OHWI constants
+
+
 def offload_convolutions(mod: Any, bf16: bool) -> Any:
     """NHWC graph; each conv2d(+bias)(+ReLU) becomes one oneDNN call."""
     import tvm
@@ -127,8 +145,7 @@ def offload_convolutions(mod: Any, bf16: bool) -> Any:
 
     from .kernels import CONV2D_NHWC
 
-    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
-    mod = relax.transform.FoldConstant()(mod)  # weight permutes become OHWI constants
+    mod = to_nhwc(mod)
     x, w, b = wildcard(), is_const(), is_const()
     conv = is_op("relax.nn.conv2d")(x, w)
     add = is_op("relax.add")(conv, b)
@@ -181,12 +198,22 @@ def _cuda_pipeline(mod: Any, spec: EngineSpec, target: Any) -> Any:
     return mod
 
 
+def _calibration_record(spec: EngineSpec, calibration: Path | None) -> dict[str, Any]:
+    if calibration is None or file_sha256(calibration) != spec.calibration:
+        raise UserError(f"the int8 engine was asked for calibration {spec.calibration!r} but "
+                        f"got {calibration}: calibrate again")
+    record = json.loads(Path(calibration).read_text())
+    return record
+
+
 def build_engine(onnx_path: str | Path, spec: EngineSpec, out_dir: str | Path,
-                 shim: Path | None = None) -> dict[str, Any]:
-    """Compile ``onnx_path`` for ``spec`` into ``out_dir``; return the engine record."""
+                 shim: Path | None = None, calibration: Path | None = None) -> dict[str, Any]:
+    """Compile ``onnx_path`` for ``spec`` into ``out_dir``; return the engine record.
+    ``calibration``: the int8 calibration record (its sha256 is ``spec.calibration``)."""
     import tvm
 
     from .kernels import load_shim
+    from .quantize import int8_convolutions
 
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
@@ -196,6 +223,13 @@ def build_engine(onnx_path: str | Path, spec: EngineSpec, out_dir: str | Path,
         if shim is None:
             raise ValueError("offload='dnnl' needs the shim library path")
         load_shim(str(shim))
+    quantization = None
+    if spec.precision == "int8":
+        cal = _calibration_record(spec, calibration)
+        mod, quantization = int8_convolutions(to_nhwc(mod), cal)
+        quantization |= {k: cal.get(k) for k in ("method", "num_images", "images_sha256",
+                                                 "images_source")}
+    elif spec.offload == "dnnl":
         mod = offload_convolutions(mod, spec.precision == "bf16")
     ops = count_ops(mod)
     if spec.target == "cuda":
@@ -205,6 +239,7 @@ def build_engine(onnx_path: str | Path, spec: EngineSpec, out_dir: str | Path,
     record = {"spec": spec.key(), "onnx_sha256": file_sha256(onnx_path),
               "shim_sha256": file_sha256(shim) if spec.offload == "dnnl" else None,
               "input_chw": list(INPUT_CHW), "outputs": outputs, "relax_ops": ops,
+              "quantization": quantization,
               "compile_s": round(time.perf_counter() - t0, 3)}
     (out_dir / META_FILE).write_text(json.dumps(record, indent=1))
     return record
@@ -254,20 +289,24 @@ def load_engine(engine_dir: str | Path, spec: EngineSpec, shim: Path | None = No
     return Engine(relax.VirtualMachine(lib, tvm.cpu()), record, engine_dir, shim_mod)
 
 
-def cached_engine_dir(store: ArtifactStore, onnx_path: Path, spec: EngineSpec) -> Path:
-    """The engine directory for (``onnx_path``, ``spec``), compiled once per content key."""
+def cached_engine_dir(store: ArtifactStore, onnx_path: Path, spec: EngineSpec,
+                      calibration: Path | None = None) -> Path:
+    """The engine directory for (``onnx_path``, ``spec``), compiled once per content key
+    (the spec of an int8 engine holds its calibration record's hash)."""
     from .kernels import build_shim
 
     shim = build_shim(store) if spec.offload == "dnnl" else None
     inputs = {"onnx_sha256": file_sha256(onnx_path), "engine": spec.key(),
               "shim_sha256": file_sha256(shim) if shim else None}
     return store.get_or_build(
-        "tvm-engine", inputs, lambda tmp: build_engine(onnx_path, spec, tmp, shim))
+        "tvm-engine", inputs,
+        lambda tmp: build_engine(onnx_path, spec, tmp, shim, calibration))
 
 
-def cached_engine(store: ArtifactStore, onnx_path: Path, spec: EngineSpec) -> Engine:
+def cached_engine(store: ArtifactStore, onnx_path: Path, spec: EngineSpec,
+                  calibration: Path | None = None) -> Engine:
     """The loaded engine for (``onnx_path``, ``spec``), compiled first if the cache has none."""
     from .kernels import build_shim
 
     shim = build_shim(store) if spec.offload == "dnnl" else None
-    return load_engine(cached_engine_dir(store, onnx_path, spec), spec, shim)
+    return load_engine(cached_engine_dir(store, onnx_path, spec, calibration), spec, shim)

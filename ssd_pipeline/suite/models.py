@@ -11,14 +11,14 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..artifacts.chain import ModelArtifacts
 from ..backends import Runner, get_backend
 from ..core.cache import ArtifactStore, file_sha256
 from ..core.errors import UserError
 from ..core.expectations import Expectations
-from ..data import CocoDetectionSet, PreprocessSettings
+from ..data import CalibrationImages, CocoDetectionSet, PreprocessSettings
 from ..model import CONFIG_DIR, ModelSpec, load_config
 from ..postprocess import Postprocessor
 from ..synthetic import DEFAULT_CATEGORIES, make_coco_set
@@ -31,6 +31,10 @@ TINY_CHECKPOINT = FIXTURES / "models" / "ssd_tiny_synthetic.pth"
 # The embedded val split: regenerated bit-identically from this seed (ssd_pipeline.synthetic).
 TINY_VAL = {"split": "val", "num_images": 200, "seed": 4321, "crowd_images": 8,
             "empty_images": 6}
+# int8 calibration images of the embedded model: generated like the val split from another
+# seed, so calibration never sees a scored image (issue #10)
+TINY_CALIB = {"split": "calib", "num_images": 64, "seed": 97, "crowd_images": 0,
+              "empty_images": 0}
 
 
 @dataclass(frozen=True)
@@ -72,17 +76,29 @@ def get_model(name: str) -> ModelEntry:
     return MODELS[name]
 
 
-def embedded_val_set(cache_root: Path, max_images: int | None = None) -> CocoDetectionSet:
-    """Generate the embedded val split once under the cache (atomic via the store)."""
-    store = ArtifactStore(cache_root)
-    split = TINY_VAL["split"]
-    d = store.get_or_build(
-        "embedded-data", {"generator": TINY_VAL, "source": _generator_hash()},
-        lambda tmp: make_coco_set(tmp, split, TINY_VAL["num_images"], TINY_VAL["seed"],
-                                  crowd_images=TINY_VAL["crowd_images"],
-                                  empty_images=TINY_VAL["empty_images"]))
-    return CocoDetectionSet(d / "annotations" / f"instances_{split}.json",
-                            d / "images" / split, max_images)
+def _generated_split(cache_root: Path, split: dict[str, Any]) -> Path:
+    """Generate a split once under the cache (atomic via the store); its root directory."""
+    return ArtifactStore(cache_root).get_or_build(
+        "embedded-data", {"generator": split, "source": _generator_hash()},
+        lambda tmp: make_coco_set(tmp, split["split"], split["num_images"], split["seed"],
+                                  crowd_images=split["crowd_images"],
+                                  empty_images=split["empty_images"]))
+
+
+def embedded_val_set(cache_root: Path, max_images: int | None = None,
+                     split: dict[str, Any] | None = None) -> CocoDetectionSet:
+    """The embedded val split (or another generated ``split``)."""
+    split = split or TINY_VAL
+    d = _generated_split(cache_root, split)
+    name = split["split"]
+    return CocoDetectionSet(d / "annotations" / f"instances_{name}.json",
+                            d / "images" / name, max_images)
+
+
+def embedded_calibration(cache_root: Path) -> CalibrationImages:
+    d = _generated_split(cache_root, TINY_CALIB)
+    images = CalibrationImages.from_dir(d / "images" / TINY_CALIB["split"])
+    return CalibrationImages(images.paths, f"generated split, seed {TINY_CALIB['seed']}")
 
 
 def _generator_hash() -> str:
@@ -93,11 +109,27 @@ class ModelBundle:
     """One model's artifacts, config, preprocessing and prepared runners (built lazily, once)."""
 
     def __init__(self, entry: ModelEntry, spec: ModelSpec, store: ArtifactStore,
-                 expectations: Expectations, threads: int | None = None) -> None:
+                 expectations: Expectations, threads: int | None = None,
+                 calib_images: str | os.PathLike[str] | None = None) -> None:
         self.entry, self.spec, self.threads = entry, spec, threads
         self.expectations = expectations
-        self.artifacts = ModelArtifacts(spec, store, expectations.number("simplify.rel_err_max"))
+        self.artifacts = ModelArtifacts(
+            spec, store, expectations.number("simplify.rel_err_max"),
+            calibration=self._calibration(calib_images, store),
+            calibration_method=str(expectations.get("int8.calibration_method")))
         self._runners: dict[tuple[str, str], Runner] = {}
+
+    def _calibration(self, calib_images: str | os.PathLike[str] | None, store: ArtifactStore
+                     ) -> CalibrationImages | None:
+        """The user's ``--calib-images``; else the embedded model's generated calibration
+        split, which also serves a random-init model (its scores mean nothing, only its
+        speed does); else None (int8 unavailable, saying why)."""
+        if calib_images is not None:
+            limit = int(self.expectations.number("int8.calibration_images_max"))
+            return CalibrationImages.from_dir(calib_images, limit)
+        if self.entry.embedded or self.spec.checkpoint is None:
+            return embedded_calibration(store.root)
+        return None
 
     @functools.cached_property
     def cfg(self) -> Config:
@@ -138,9 +170,10 @@ class ModelBundle:
 def resolve_bundle(model: str, expectations: Expectations, store: ArtifactStore, *,
                    weight: str | os.PathLike[str] | None = None,
                    cfg: str | os.PathLike[str] | None = None, trust_checkpoint: bool = False,
-                   threads: int | None = None) -> ModelBundle:
+                   threads: int | None = None,
+                   calib_images: str | os.PathLike[str] | None = None) -> ModelBundle:
     """The one way the CLI and the test suite turn options into a model: ``model``'s entry,
     the user's config and weights in place of its own, artifacts in ``store``."""
     entry = get_model(model)
     spec = entry.spec(weight, cfg, trust_checkpoint)
-    return ModelBundle(entry, spec, store, expectations, threads)
+    return ModelBundle(entry, spec, store, expectations, threads, calib_images)

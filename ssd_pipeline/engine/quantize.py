@@ -1,0 +1,122 @@
+"""int8 engines: the NHWC graph's convolutions become oneDNN int8 calls, and u8 activations
+flow from one convolution to the next without a float round trip.
+
+Step 1 rewrites each calibrated convolution (found by its weights' hash, see
+:mod:`ssd_pipeline.artifacts.calibrate`) to ``quantize(x) -> conv2d_nhwc_int8 -> dequantize``
+(the dequantize only where the output is u8: after a ReLU with a calibrated range; the heads
+write float32). Step 2 removes what step 1 made redundant: ``quantize(dequantize(q))`` with
+equal scales is ``q``, and ``quantize(max_pool(dequantize(q)))`` is ``max_pool(q)`` (max
+commutes with a monotone map), so the only float tensors left are those a float op needs
+(L2Norm, the heads' outputs, the first convolution's input).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+WEIGHT_AXES_OHWI_TO_OIHW = (0, 3, 1, 2)
+
+
+def quantize_weights(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel (axis 0) int8 weights and their float32 scales."""
+    qmax = 2 ** (bits - 1) - 1
+    absmax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1).astype(np.float64)
+    scale = np.where(absmax > 0, absmax / qmax, 1.0)
+    shape = (-1,) + (1,) * (w.ndim - 1)
+    q = np.clip(np.rint(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def _scalar(e: Any) -> float | None:
+    from tvm.ir.expr import Constant
+
+    return float(e.value.numpy()) if isinstance(e, Constant) else None
+
+
+def int8_convolutions(mod: Any, calibration: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Rewrite an NHWC module (as :func:`offload_convolutions` leaves it before its rewrite)
+    for int8; return it with a summary of what ran in which precision."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+
+    from ..core.onnxfile import weight_key
+    from .kernels import CONV2D_NHWC, CONV2D_NHWC_INT8
+
+    convs = calibration["convs"]
+    bits = int(calibration["weight_bits"])
+    # by layer name: the rewriter may visit a match more than once
+    int8: dict[str, str] = {}
+    floats: dict[str, str] = {}
+    x, w, b = wildcard(), is_const(), is_const()
+    conv = is_op("relax.nn.conv2d")(x, w)
+    add = is_op("relax.add")(conv, b)
+    relu = is_op("relax.nn.relu")(add)
+
+    def f32(v: float) -> Any:
+        return relax.const(np.float32(v), "float32")
+
+    def ints(values: list[int]) -> list[Any]:
+        return [relax.prim_value(tvm.tirx.IntImm("int64", v)) for v in values]
+
+    def rewrite(expr: Any, m: Any) -> Any:
+        a = m[conv].attrs
+        if a.data_layout != "NHWC" or a.kernel_layout != "OHWI" or int(a.groups) != 1:
+            return expr
+        bias = m[b].value.numpy().reshape(-1)
+        if bias.size != int(m[conv].ty.shape[3]):
+            return expr
+        is_relu = isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.nn.relu"
+        geometry = [*map(int, a.strides), *map(int, a.padding), *map(int, a.dilation)]
+        w_ohwi = m[w].value.numpy()
+        entry = convs.get(weight_key(w_ohwi.transpose(WEIGHT_AXES_OHWI_TO_OIHW)))
+        reason = "not in the calibration record" if entry is None else entry["float_reason"]
+        if reason is not None:
+            floats[entry["name"] if entry else f"conv {tuple(w_ohwi.shape)}"] = reason
+            return relax.call_dps_packed(
+                CONV2D_NHWC, [m[x], m[w], relax.const(bias), *ints([*geometry, is_relu, 0])],
+                out_ty=expr.ty)
+        s_src = entry["src_highest"] / 255.0
+        u8_out = is_relu and bool(entry["dst_highest"])
+        s_dst = entry["dst_highest"] / 255.0 if u8_out else 1.0
+        wq, wscale = quantize_weights(w_ohwi, bits)
+        src = relax.op.quantize(m[x], f32(s_src), relax.const(0, "int8"), axis=-1,
+                                out_dtype="uint8")
+        shape = expr.ty.shape
+        out = relax.call_dps_packed(
+            CONV2D_NHWC_INT8,
+            [src, relax.const(wq), relax.const(wscale), relax.const(bias),
+             relax.prim_value(tvm.tirx.FloatImm("float64", s_src)),
+             relax.prim_value(tvm.tirx.FloatImm("float64", s_dst)),
+             *ints([*geometry, is_relu])],
+            out_ty=relax.TensorType(shape, "uint8" if u8_out else "float32"))
+        int8[entry["name"]] = "u8" if u8_out else "f32"
+        if not u8_out:
+            return out
+        return relax.op.dequantize(out, f32(s_dst), relax.const(0, "int8"), axis=-1,
+                                   out_dtype="float32")
+
+    mod["main"] = rewrite_call(relu | add, rewrite, mod["main"])
+
+    # step 2: u8 stays u8 between convolutions
+    q_in, s1, z1, s2, z2 = wildcard(), is_const(), is_const(), is_const(), is_const()
+    deq = is_op("relax.dequantize")(q_in, s1, z1)
+    pool = is_op("relax.nn.max_pool2d")(deq)
+    requant = is_op("relax.quantize")(deq | pool, s2, z2)
+
+    def fold(expr: Any, m: Any) -> Any:
+        same = (_scalar(m[s1]) == _scalar(m[s2]) and _scalar(m[z1]) == _scalar(m[z2])
+                and str(m[q_in].ty.dtype) == str(expr.attrs.out_dtype))
+        if not same:
+            return expr
+        if pool in m:
+            return relax.Call(m[pool].op, [m[q_in]], m[pool].attrs)
+        return m[q_in]
+
+    mod["main"] = rewrite_call(requant, fold, mod["main"])
+    mod = relax.transform.DeadCodeElimination()(mod)
+    return mod, {"weight_bits": bits, "int8_convs": len(int8),
+                 "u8_outputs": sum(d == "u8" for d in int8.values()),
+                 "float_convs": [{"name": k, "reason": v} for k, v in floats.items()]}
