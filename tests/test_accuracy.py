@@ -59,6 +59,9 @@ def accuracy_of(pytestconfig, bundles, eval_set):
         if key not in cache:
             dataset = eval_set(model)
             b = bundles(model)
+            if precision == "int8" and b.artifacts.calibration is None:
+                missing_data(pytestconfig, f"{model} int8 needs calibration images never "
+                             "scored: pass --calib-images DIR (or set CALIB_IMAGES_DIR)")
             runner = b.runner(backend, precision)
             batch = pytestconfig.option.batch_size
             try:
@@ -129,6 +132,13 @@ def test_accuracy_drop_vs_torch(model_name, compared_backend, precision, accurac
                                 expectations):
     ref = accuracy_of(model_name, "torch", "fp32")["metrics"]
     got = accuracy_of(model_name, compared_backend, precision)["metrics"]
-    for stat in ("bbox_mAP", "bbox_mAP_50"):
-        require(expectations, f"accuracy.drop_vs_torch.{precision}_max",
-                f"{stat} drop vs torch ({compared_backend}/{precision})", ref[stat] - got[stat])
+    key = f"accuracy.drop_vs_torch.{compared_backend}_{precision}_max"  # a peer's own entry
+    if expectations.optional(key) is None:
+        key = f"accuracy.drop_vs_torch.{precision}_max"
+    drops = {stat: ref[stat] - got[stat] for stat in ("bbox_mAP", "bbox_mAP_50")}
+    if expectations.is_measured_only(key):
+        pytest.skip(f"measured only, not gated ({key}): drops vs torch fp32 "
+                    + ", ".join(f"{k} {v:+.4f}" for k, v in drops.items()))
+    for stat, drop in drops.items():
+        require(expectations, key, f"{stat} drop vs torch ({compared_backend}/{precision})",
+                drop)

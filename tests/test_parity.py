@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers import assert_detection_parity, assert_raw_parity
+from tests.test_tvm import tolerance_table
 
 pytestmark = pytest.mark.parity
 
@@ -50,7 +51,7 @@ def test_openvino_vs_onnx_raw_outputs(model_name, precision, bundles, sample_bat
                                       head_outputs, expectations, record_property):
     """OpenVINO, the second speed peer, computes the same head outputs."""
     ov = bundles(model_name).runner("openvino", precision)
-    key = f"parity.{'fp32' if precision == 'fp32' else 'reduced'}.raw_rel_err_max"
+    key = f"{tolerance_table(precision)}.raw_rel_err_max"
     assert_raw_parity(ov.run(sample_batch.array), head_outputs(model_name, "onnxruntime"),
                       ov.output_names, expectations.number(key), expectations.source(key),
                       record_property)

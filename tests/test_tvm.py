@@ -15,7 +15,7 @@ pytestmark = pytest.mark.backend("tvm")
 
 
 def tolerance_table(precision: str) -> str:
-    return "parity.fp32" if precision == "fp32" else "parity.reduced"
+    return {"fp32": "parity.fp32", "int8": "parity.int8"}.get(precision, "parity.reduced")
 
 
 @pytest.fixture(scope="session")

@@ -47,9 +47,7 @@ def int8_convolutions(mod: Any, calibration: dict[str, Any]) -> tuple[Any, dict[
 
     convs = calibration["convs"]
     bits = int(calibration["weight_bits"])
-    # by layer name: the rewriter may visit a match more than once
-    int8: dict[str, str] = {}
-    floats: dict[str, str] = {}
+    floats: dict[str, str] = {}  # by layer name: the rewriter may visit a match twice
     x, w, b = wildcard(), is_const(), is_const()
     conv = is_op("relax.nn.conv2d")(x, w)
     add = is_op("relax.add")(conv, b)
@@ -92,7 +90,6 @@ def int8_convolutions(mod: Any, calibration: dict[str, Any]) -> tuple[Any, dict[
              relax.prim_value(tvm.tirx.FloatImm("float64", s_dst)),
              *ints([*geometry, is_relu])],
             out_ty=relax.TensorType(shape, "uint8" if u8_out else "float32"))
-        int8[entry["name"]] = "u8" if u8_out else "f32"
         if not u8_out:
             return out
         return relax.op.dequantize(out, f32(s_dst), relax.const(0, "int8"), axis=-1,
@@ -117,6 +114,25 @@ def int8_convolutions(mod: Any, calibration: dict[str, Any]) -> tuple[Any, dict[
 
     mod["main"] = rewrite_call(requant, fold, mod["main"])
     mod = relax.transform.DeadCodeElimination()(mod)
-    return mod, {"weight_bits": bits, "int8_convs": len(int8),
-                 "u8_outputs": sum(d == "u8" for d in int8.values()),
+    dst = int8_call_outputs(mod)
+    return mod, {"weight_bits": bits, "int8_convs": len(dst),
+                 "u8_outputs": dst.count("uint8"),
                  "float_convs": [{"name": k, "reason": v} for k, v in floats.items()]}
+
+
+def int8_call_outputs(mod: Any) -> list[str]:
+    """Output dtype of each int8 convolution call left in ``main`` (read from the graph, not
+    from what the rewriter was asked: it may visit a match more than once)."""
+    from tvm import relax
+
+    from .kernels import CONV2D_NHWC_INT8
+
+    out: list[str] = []
+
+    def visit(e: Any) -> None:
+        if (isinstance(e, relax.Call) and e.args
+                and getattr(e.args[0], "global_symbol", None) == CONV2D_NHWC_INT8):
+            out.append(str(e.ty.dtype))
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return out

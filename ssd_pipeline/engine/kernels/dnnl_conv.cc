@@ -310,6 +310,10 @@ int64_t CacheSize() {
 // oneDNN (GNU OpenMP build) threads for convolutions issued from the calling thread.
 void SetNumThreads(int64_t n) { omp_set_num_threads(static_cast<int>(n)); }
 
+// oneDNN's verbose mode (0 off, 1 every execution, 2 also creation), printed to stdout: lets a
+// test see which implementation ran each primitive.
+void SetVerbose(int64_t level) { dnnl::set_verbose(static_cast<int>(level)); }
+
 void ClearCache() {
   std::lock_guard<std::mutex> lock(g_mu);
   g_cache.clear();
@@ -322,3 +326,4 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(conv2d_nhwc_int8, Conv2dNHWCInt8);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cache_size, CacheSize);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(clear_cache, ClearCache);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(set_num_threads, SetNumThreads);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(set_verbose, SetVerbose);
