@@ -23,7 +23,6 @@ from .core.cache import ArtifactStore
 from .core.errors import UserError
 from .core.expectations import Expectations
 from .core.host import STACK, default_threads, machine_info, versions
-from .core.timing import matmul_roofline
 from .engine.compile import EngineSpec, cached_engine, cached_engine_dir
 from .model import DEFAULT_CONFIG, ModelSpec
 from .suite.bench import (
@@ -314,9 +313,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_roofline(args: argparse.Namespace) -> int:
-    r = matmul_roofline(args.n, args.threads)
-    print(f"{r['n']}^3 matrix product on {r['threads']} threads: "
-          f"fp32 {r['fp32_gflops']:.0f} GFLOP/s, bf16 {r['bf16_gflops']:.0f} GFLOP/s")
+    from .engine.peak import PEAK_KERNELS, measure_ceilings
+
+    _positive(args.threads, "--threads")
+    ceilings = measure_ceilings(ArtifactStore(args.cache_dir), args.threads)
+    print("| precision | threads | peak GOP/s | peak loop | achievable GOP/s | how | "
+          "achievable / peak |\n|---|---|---|---|---|---|---|")
+    for c in ceilings.values():
+        print(f"| {c.precision} | {c.threads} | {c.peak_gops:.0f} | {c.peak_kernel} | "
+              f"{c.achievable_gops:.0f} | {c.achievable_how} | "
+              f"{c.achievable_gops / c.peak_gops:.2f} |")
+    for p in PEAK_KERNELS:
+        if p not in ceilings:
+            print(f"{p}: this CPU has none of the instructions its peak is measured with "
+                  f"({', '.join(sorted(set().union(*(n for _, n in PEAK_KERNELS[p]))))})")
     return 0
 
 
@@ -418,9 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--out", type=Path, default=Path("out"))
     j.set_defaults(fn=cmd_run)
 
-    f = sub.add_parser("roofline", help="fp32/bf16 matrix-product GFLOP/s on these threads")
-    f.add_argument("--n", type=int, default=4096)
+    f = sub.add_parser("roofline", help="this CPU's ceilings per precision on these threads: "
+                       "peak (register-resident loops) and achievable (oneDNN matmul) GOP/s")
     f.add_argument("--threads", type=int, default=None)
+    f.add_argument("--cache-dir", type=Path, default=None,
+                   help="where the ceiling kernels are built (default $SSD_PIPELINE_CACHE)")
     f.set_defaults(fn=cmd_roofline)
 
     i = sub.add_parser("info", help="versions, backends, threads")

@@ -21,7 +21,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,10 @@ from ..core.onnxfile import load_onnx, weight_key
 
 METHODS = ("minmax", "percentile", "entropy")
 CALIBRATION_FILE = "calibration.json"
+ORT_RANGES_FILE = "ort_tensor_ranges.json"  # the same ranges, as ONNX Runtime's cache reads them
 QDQ_FILE = "model_qdq.onnx"
 FORMAT = "ssd_pipeline.calibration/1"
+CHUNK_IMAGES = 4
 
 
 def _method(name: str) -> Any:
@@ -88,8 +90,10 @@ def first_conv(onnx_path: Path) -> str:
     return next(n.name for n in model.graph.node if n.op_type == "Conv")
 
 
-def calibrate(onnx_path: Path, batches: Iterable[np.ndarray], method: str) -> dict[str, Any]:
-    """Activation ranges of every convolution's input and (ReLU) output, by weight hash."""
+def calibrate(onnx_path: Path, batches: Iterable[np.ndarray], method: str
+              ) -> tuple[dict[str, Any], Any]:
+    """Activation ranges of every convolution's input and (ReLU) output, by weight hash; and
+    ONNX Runtime's TensorsData of every tensor (what its ``quantize_static`` reads)."""
     from onnx import numpy_helper
     from onnxruntime.quantization.calibrate import create_calibrator
 
@@ -101,17 +105,21 @@ def calibrate(onnx_path: Path, batches: Iterable[np.ndarray], method: str) -> di
         calibrator = create_calibrator(
             str(onnx_path), ["Conv", "Relu", "MaxPool"], str(Path(tmp) / "augmented.onnx"),
             calibrate_method=ort_method)
+        # a few images per call: the calibrator keeps every intermediate tensor of what it is
+        # given until the call ends (~0.3 GB per SSD300 image); ranges and histograms merge
+        # across calls
         count = 0
-
-        def counted() -> Iterator[np.ndarray]:
-            nonlocal count
-            for x in batches:
+        chunk: list[np.ndarray] = []
+        for x in [*batches, None]:
+            if x is not None:
+                chunk.append(x)
                 count += 1
-                yield x
-
-        calibrator.collect_data(_Reader(input_name, counted()))
+            if chunk and (x is None or len(chunk) == CHUNK_IMAGES):
+                calibrator.collect_data(_Reader(input_name, chunk))
+                chunk = []
+        tensors_data = calibrator.compute_data()
         ranges = {k: (float(np.min(v.range_value[0])), float(np.max(v.range_value[1])))
-                  for k, v in calibrator.compute_data().data.items()}
+                  for k, v in tensors_data.data.items()}
     if count == 0:
         raise UserError("calibration got no images")
 
@@ -143,13 +151,19 @@ def calibrate(onnx_path: Path, batches: Iterable[np.ndarray], method: str) -> di
         convs[weight_key(w)] = entry
     return {"format": FORMAT, "method": method, "num_images": count,
             "weight_bits": int8_weight_bits(), "calibrate_s": round(time.perf_counter() - t0, 3),
-            "convs": convs}
+            "convs": convs}, tensors_data
 
 
 def write_calibration(onnx_path: Path, batches: Iterable[np.ndarray], method: str,
                       out_dir: Path, provenance: dict[str, Any]) -> dict[str, Any]:
-    record = calibrate(onnx_path, batches, method) | provenance
+    """One calibration pass, two files: our engine's record and ONNX Runtime's range cache
+    (so the QDQ model of the peers is made from exactly the same ranges)."""
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    record, tensors_data = calibrate(onnx_path, batches, method)
+    record |= provenance
     (out_dir / CALIBRATION_FILE).write_text(json.dumps(record, indent=1))
+    save_tensors_data(tensors_data, out_dir / ORT_RANGES_FILE)
     return record
 
 
@@ -164,18 +178,16 @@ def read_calibration(path: Path) -> dict[str, Any]:
     return record
 
 
-def quantize_qdq(onnx_path: Path, batches_fn: Callable[[], Iterable[np.ndarray]], method: str,
-                 out_path: Path) -> dict[str, Any]:
-    """ONNX Runtime's ``quantize_static``: QDQ, S8S8, per-channel weights, the same
-    convolutions and max-pools our engine quantizes (the first convolution stays float)."""
+def quantize_qdq(onnx_path: Path, ranges: Path, method: str, out_path: Path) -> dict[str, Any]:
+    """ONNX Runtime's ``quantize_static`` from the calibration pass's ``ranges``: QDQ, S8S8,
+    per-channel weights, the same convolutions and max-pools our engine quantizes (the first
+    convolution stays float)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    model, _, _, inits = _graph(onnx_path)
-    input_name = next(i.name for i in model.graph.input if i.name not in inits)
     t0 = time.perf_counter()
     with _quiet():
         quantize_static(
-            str(onnx_path), str(out_path), _Reader(input_name, batches_fn()),
+            str(onnx_path), str(out_path), None, calibration_cache_path=str(ranges),
             quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "MaxPool"],
             nodes_to_exclude=[first_conv(onnx_path)], calibrate_method=_method(method),

@@ -17,7 +17,14 @@ from ..core.errors import UserError
 from ..core.host import int8_weight_bits, versions
 from ..data import CalibrationImages, PreprocessSettings
 from ..model import ModelSpec, build_model, head_outputs_module, load_config
-from .calibrate import CALIBRATION_FILE, QDQ_FILE, quantize_qdq, write_calibration
+from .calibrate import (
+    CALIBRATION_FILE,
+    FORMAT,
+    ORT_RANGES_FILE,
+    QDQ_FILE,
+    quantize_qdq,
+    write_calibration,
+)
 from .export import OPSET, export_onnx
 from .simplify import simplify_onnx
 
@@ -104,7 +111,8 @@ class ModelArtifacts:
         images = self._calibration_images()
         return {"onnx_sha256": file_sha256(self.simplified_onnx_path), "method": method,
                 "images_sha256": images.sha256, "num_images": len(images.paths),
-                "weight_bits": int8_weight_bits(), "versions": versions("onnxruntime")}
+                "weight_bits": int8_weight_bits(), "versions": versions("onnxruntime"),
+                "format": FORMAT}
 
     def _calibration_batches(self) -> Any:
         settings = PreprocessSettings.from_config(load_config(self.spec.config))
@@ -127,10 +135,10 @@ class ModelArtifacts:
         """ONNX Runtime's QDQ int8 model from the same images and method: what the int8
         peers (ONNX Runtime, OpenVINO) run."""
         method = method or self.calibration_method
+        ranges = self.calibration_path(method).with_name(ORT_RANGES_FILE)
 
         def build(tmp: Path) -> None:
-            info = quantize_qdq(self.simplified_onnx_path, self._calibration_batches, method,
-                                tmp / QDQ_FILE)
+            info = quantize_qdq(self.simplified_onnx_path, ranges, method, tmp / QDQ_FILE)
             (tmp / INFO_FILE).write_text(json.dumps(info))
 
         return self.store.get_or_build("onnx-qdq", self._calibration_inputs(method),

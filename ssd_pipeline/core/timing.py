@@ -81,22 +81,3 @@ def conv_gflop_per_image(onnx_path: str) -> float:
             n_out = float(np.prod(shapes[node.output[0]][1:]))
             total += 2.0 * n_out * c_per_group * kh * kw
     return total / 1e9
-
-
-def matmul_roofline(n: int = 4096, threads: int | None = None, seconds: float = 2.0
-                    ) -> dict[str, float]:
-    """GFLOP/s of a large fp32 and bf16 matrix product (torch: MKL/oneDNN) on ``threads``:
-    the ceiling the engines' GFLOP/s are read against."""
-    import torch
-
-    from .host import default_threads
-
-    torch.set_num_threads(threads or default_threads())
-    out: dict[str, float] = {"n": n, "threads": torch.get_num_threads()}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a = torch.randn(n, n, dtype=dtype)
-        b = torch.randn(n, n, dtype=dtype)
-        one = measure(lambda a=a, b=b: torch.mm(a, b), 1, 1)[0]
-        t = measure(lambda a=a, b=b: torch.mm(a, b), 0, rounds_for(one, seconds, 2, 50))
-        out[f"{name}_gflops"] = 2 * n**3 / min(t) / 1e9
-    return out

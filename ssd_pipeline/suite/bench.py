@@ -20,6 +20,7 @@ from ..backends import Runner
 from ..core.host import machine_info
 from ..core.timing import conv_gflop_per_image, measure, rounds_for, summarize
 from ..data import ImageRecord, PreprocessSettings, batches
+from ..engine.peak import Ceiling, measure_ceilings
 from ..postprocess import Postprocessor
 from .evaluate import predict
 from .models import ModelBundle
@@ -69,6 +70,12 @@ class SpeedRecord:
     latency_ms_p99: float
     gflop_per_image: float | None = None
     gflops: float | None = None  # GFLOP/s of the convolutions
+    # this run's ceilings of the record's precision (ssd_pipeline.engine.peak): the
+    # register-resident peak and oneDNN's matmul, in GOP/s, and the fractions gflops reaches
+    peak_gops: float | None = None
+    peak_fraction: float | None = None
+    achievable_gops: float | None = None
+    roofline_fraction: float | None = None
     onnxruntime_images_per_s: float | None = None
     ratio_vs_onnxruntime: float | None = None
     engine_only_images_per_s: float | None = None  # end-to-end only
@@ -94,10 +101,13 @@ class SpeedLog:
 
     def __init__(self, runner_for: Callable[[str, str], Runner],
                  input_for: Callable[[int], np.ndarray], settings: BenchSettings,
-                 gflop_per_image: float, model: dict[str, Any] | None = None) -> None:
+                 gflop_per_image: float, model: dict[str, Any] | None = None,
+                 ceilings: Callable[[], dict[str, Ceiling]] | None = None) -> None:
         self.runner_for, self.input_for = runner_for, input_for
         self.settings, self.gflop_per_image = settings, gflop_per_image
         self.model = model or {}
+        self._ceilings_fn = ceilings
+        self._ceilings: dict[str, Ceiling] | None = None
         self.engine_only_records: dict[tuple[str, str, int], SpeedRecord] = {}
         self.records: list[SpeedRecord] = []
 
@@ -116,6 +126,20 @@ class SpeedLog:
         self.records.append(rec)
         return rec
 
+    def ceilings(self) -> dict[str, Ceiling]:
+        """This run's ceilings per precision, measured once (before the first timing)."""
+        if self._ceilings is None:
+            self._ceilings = self._ceilings_fn() if self._ceilings_fn else {}
+        return self._ceilings
+
+    def _against_ceiling(self, precision: str, gops: float) -> dict[str, float | None]:
+        c = self.ceilings().get(precision)
+        if c is None:
+            return {}
+        return {"peak_gops": c.peak_gops, "peak_fraction": round(gops / c.peak_gops, 4),
+                "achievable_gops": c.achievable_gops,
+                "roofline_fraction": round(gops / c.achievable_gops, 4)}
+
     def reference_images_per_s(self, batch: int) -> float:
         """ONNX Runtime fp32 img/s at ``batch`` in this run."""
         key = (*REFERENCE, batch)
@@ -130,13 +154,15 @@ class SpeedLog:
             return self.engine_only_records[key]
         runner = self.runner_for(backend, precision)
         x = self.input_for(batch)
+        self.ceilings()
         samples = self._sample(lambda: runner.run(x), timer)
         ips = batch / float(np.mean(samples))
         ref = ips if (backend, precision) == REFERENCE else self.reference_images_per_s(batch)
         rec = self._record("engine-only", runner, samples, batch,
                            gflop_per_image=self.gflop_per_image,
                            gflops=ips * self.gflop_per_image, onnxruntime_images_per_s=ref,
-                           ratio_vs_onnxruntime=ips / ref)
+                           ratio_vs_onnxruntime=ips / ref,
+                           **self._against_ceiling(precision, ips * self.gflop_per_image))
         self.engine_only_records[key] = rec
         return rec
 
@@ -175,7 +201,8 @@ def speed_log_for(bundle: ModelBundle, first: np.ndarray, settings: BenchSetting
     (its images repeated to fill larger batches); GFLOP per image from the simplified ONNX."""
     return SpeedLog(bundle.runner, lambda b: tile_batch(first, b), settings,
                     conv_gflop_per_image(str(bundle.artifacts.simplified_onnx_path)),
-                    bundle.spec.provenance())
+                    bundle.spec.provenance(),
+                    lambda: measure_ceilings(bundle.artifacts.store, bundle.threads))
 
 
 def write_records(path: Path, records: list[SpeedRecord]) -> Path:

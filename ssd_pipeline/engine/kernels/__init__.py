@@ -17,6 +17,7 @@ from ...core.cache import ArtifactStore, file_sha256
 from ...core.errors import UserError
 
 SOURCE = Path(__file__).with_name("dnnl_conv.cc")
+PEAK_SOURCE = Path(__file__).with_name("peak.cc")
 LIB_NAME = "ssd_dnnl.so"
 CONV2D_NHWC = "ssd_pipeline.dnnl.conv2d_nhwc"
 CONV2D_NHWC_INT8 = "ssd_pipeline.dnnl.conv2d_nhwc_int8"
@@ -41,24 +42,35 @@ def shim_inputs() -> dict[str, Any]:
             "tvm_ffi": version("apache-tvm-ffi"), "python": sys.version.split()[0]}
 
 
-def build_shim(store: ArtifactStore) -> Path:
-    """The compiled shim library (built once per source/oneDNN/tvm-ffi version)."""
+def _build(store: ArtifactStore, stage: str, source: Path, lib_name: str) -> Path:
+    """``source`` compiled against oneDNN, once per source/oneDNN/tvm-ffi version."""
     prefix = _onednn_prefix()
 
     def build(tmp: Path) -> None:
+        import shutil
+
         import tvm_ffi.cpp
 
         tvm_ffi.cpp.build(
-            "ssd_dnnl", cpp_files=[str(SOURCE)], extra_include_paths=[str(prefix / "include")],
-            extra_cflags=["-O2", "-fopenmp"],
+            lib_name.removesuffix(".so"), cpp_files=[str(source)],
+            extra_include_paths=[str(prefix / "include")], extra_cflags=["-O2", "-fopenmp"],
             extra_ldflags=[f"-L{prefix / 'lib'}", "-ldnnl", "-fopenmp",
                            f"-Wl,-rpath,{prefix / 'lib'}"],
-            build_directory=str(tmp / "build"), output=str(tmp / LIB_NAME))
-        import shutil
-
+            build_directory=str(tmp / "build"), output=str(tmp / lib_name))
         shutil.rmtree(tmp / "build", ignore_errors=True)
 
-    return store.get_or_build("dnnl-shim", shim_inputs(), build) / LIB_NAME
+    inputs = shim_inputs() | {"source_sha256": file_sha256(source)}
+    return store.get_or_build(stage, inputs, build) / lib_name
+
+
+def build_shim(store: ArtifactStore) -> Path:
+    """The compiled convolution shim library."""
+    return _build(store, "dnnl-shim", SOURCE, LIB_NAME)
+
+
+def build_peak(store: ArtifactStore) -> Path:
+    """The compiled ceiling kernels (``peak.cc``)."""
+    return _build(store, "peak-kernels", PEAK_SOURCE, "ssd_peak.so")
 
 
 @functools.cache
