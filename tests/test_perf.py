@@ -117,10 +117,24 @@ def against_baseline(benchmark, perf_baseline, rec, expectations) -> None:
                 base["ratio_vs_onnxruntime"] - rec.ratio_vs_onnxruntime)
 
 
+def within_peak(rec) -> None:
+    """No backend computes faster than the CPU can: convolution GOP/s at most the run's
+    register-resident peak of its precision plus PEAK_MARGIN (the op count includes padding
+    taps a backend may skip). Above it, the op count or the peak measurement is wrong."""
+    from ssd_pipeline.engine.peak import PEAK_MARGIN
+
+    if rec.peak_fraction is not None and rec.peak_fraction > 1 + PEAK_MARGIN:
+        pytest.fail(f"{rec.backend}/{rec.precision} batch {rec.batch}: {rec.gflops:.0f} GOP/s "
+                    f"is {rec.peak_fraction:.2f}x this run's {rec.precision} peak "
+                    f"({rec.peak_gops:.0f} GOP/s, margin {PEAK_MARGIN:.0%})", pytrace=False)
+
+
 def test_engine_only(benchmark, backend_name, precision, perf_batch, speed_log, perf_bundle,
                      expectations, perf_baseline):
     rec = speed_log.engine_only(backend_name, precision, perf_batch, timer(benchmark))
     benchmark.extra_info.update(rec.as_dict())
+    benchmark.extra_info["ceilings"] = {p: c.as_dict() for p, c in speed_log.ceilings().items()}
+    within_peak(rec)
     against_baseline(benchmark, perf_baseline, rec, expectations)
     require_or_say(expectations, f"{perf_bundle.entry.perf_key}.{backend_name}_{precision}"
                    "_min_ratio", f"{backend_name}/{precision} engine-only batch {perf_batch} "

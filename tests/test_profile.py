@@ -69,3 +69,32 @@ def test_profile_refusals(args, needle, capsys):
     assert main(["profile", "--model", "tiny", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and needle in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, want", [
+    ({"avx2", "fma"}, {"fp32": "fma_avx2", "int8": "int8_avx2", "bf16": None}),
+    ({"avx2", "fma", "avx_vnni"}, {"int8": "int8_avx_vnni"}),
+    ({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"},
+     {"fp32": "fma_avx512", "int8": "int8_avx512_vnni", "bf16": "bf16_avx512"}),
+    ({"sse4_2"}, {"fp32": None, "int8": None}),
+])
+def test_peak_loop_follows_the_cpu_flags(flags, want):
+    """Each precision's peak is measured with the widest instruction this CPU has for it
+    (a VNNI CPU is not judged against the AVX2 int8 loop), and none where it has none."""
+    from ssd_pipeline.engine.peak import peak_kernel
+
+    for precision, kernel in want.items():
+        assert peak_kernel(precision, frozenset(flags)) == kernel, precision
+
+
+def test_ceilings_are_measured_for_this_cpu(store):
+    """Every precision this CPU has a peak loop for gets a peak and a oneDNN ceiling, both
+    positive and each the per-thread sum it claims to be (no timing limit is asserted)."""
+    from ssd_pipeline.engine.peak import measure_ceilings, peak_kernel
+
+    ceilings = measure_ceilings(store, threads=1, seconds=0.05)
+    for p in ("fp32", "bf16", "int8"):
+        assert (p in ceilings) == (peak_kernel(p) is not None), p
+    for c in ceilings.values():
+        assert c.threads == 1 and c.peak_gops > 0 and c.achievable_gops > 0
+        assert c.peak_kernel == peak_kernel(c.precision)
