@@ -19,7 +19,7 @@ from pathlib import Path
 from . import backends
 from .artifacts.export import OPSET, export_onnx
 from .artifacts.simplify import simplify_onnx
-from .core.cache import ArtifactStore
+from .core.cache import ArtifactStore, file_sha256
 from .core.errors import UserError
 from .core.expectations import Expectations
 from .core.host import STACK, default_threads, machine_info, versions
@@ -115,17 +115,40 @@ def _batches(raw: str, flag: str) -> list[int]:
 
 
 def make_bundle(args: argparse.Namespace) -> ModelBundle:
-    """The model the command works on: --model's entry, with --cfg/--weight in its place."""
+    """The model the command works on: --model's entry, with --cfg/--weight in its place
+    (and --onnx's graph in place of the export, --engine's engine in place of a build)."""
     _positive(args.threads, "--threads")
-    return resolve_bundle(args.model, Expectations.load(args.expectations, args.expect),
-                          ArtifactStore(args.cache_dir), weight=args.weight, cfg=args.cfg,
-                          trust_checkpoint=args.trust_checkpoint, threads=args.threads,
-                          calib_images=getattr(args, "calib_images", None))
+    bundle = resolve_bundle(args.model, Expectations.load(args.expectations, args.expect),
+                            ArtifactStore(args.cache_dir), weight=args.weight, cfg=args.cfg,
+                            trust_checkpoint=args.trust_checkpoint, threads=args.threads,
+                            calib_images=getattr(args, "calib_images", None))
+    if getattr(args, "onnx", None):
+        bundle.artifacts.use_onnx(args.onnx)
+    if getattr(args, "engine", None):
+        args.engine_precision = bundle.use_engine(args.engine).precision
+    return bundle
+
+
+def _user_graph(p: argparse.ArgumentParser, engine: bool = False) -> None:
+    p.add_argument("--onnx", type=Path, default=None,
+                   help="an SSD ONNX of --model's config (raw head outputs, e.g. the "
+                        "original's onnxsim output) instead of the suite's export")
+    if engine:
+        p.add_argument("--engine", type=Path, default=None,
+                       help="a TVM engine directory ('compile --output DIR'): runs it as "
+                            "backend tvm at the precision it was built for")
 
 
 def _cases(args: argparse.Namespace) -> list[tuple[str, str]]:
     chosen = backends.select(args.backends)
-    cases = backends.cases(chosen, args.precisions)
+    if getattr(args, "engine", None):
+        chosen = ["tvm"]
+    given = "--engine" if getattr(args, "engine", None) else "--onnx"
+    if (getattr(args, "onnx", None) or getattr(args, "engine", None)) and "torch" in chosen:
+        print(f"torch: skipped: it runs the PyTorch model, which {given} does not replace",
+              file=sys.stderr)
+        chosen = [b for b in chosen if b != "torch"] or ["tvm"]
+    cases = backends.cases(chosen, getattr(args, "engine_precision", None) or args.precisions)
     if not cases:
         raise UserError(f"none of backends {', '.join(chosen)} runs precision(s) "
                         f"{args.precisions} on this CPU")
@@ -177,16 +200,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     import shutil
 
-    spec = EngineSpec(target=args.target, precision=args.precision, batch=args.batch,
-                      offload=args.offload, cuda_arch=args.cuda_arch)
     arts = make_bundle(args).artifacts
+    calibration = arts.calibration_path() if args.precision == "int8" else None
+    spec = EngineSpec(target=args.target, precision=args.precision, batch=args.batch,
+                      offload=args.offload, cuda_arch=args.cuda_arch,
+                      calibration=calibration and file_sha256(calibration))
     onnx_path = arts.simplified_onnx_path
     if spec.target == "cuda":
         # built, not loaded: this TVM runtime cannot run CUDA engines
         d = cached_engine_dir(arts.store, onnx_path, spec)
         record = json.loads((d / "engine.json").read_text())
     else:
-        engine = cached_engine(arts.store, onnx_path, spec)
+        engine = cached_engine(arts.store, onnx_path, spec, calibration)
         d, record = engine.path, engine.record
     print(f"engine {d} ({spec.target}/{spec.precision}, batch {spec.batch or 'dynamic'}, "
           f"offload {spec.offload}): compiled in {record['compile_s']:.1f} s")
@@ -352,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("evaluate", help="COCO accuracy per backend and precision")
     _common(v)
     _selection(v)
+    _user_graph(v, engine=True)
     v.add_argument("--datasets-dir", default=None,
                    help="COCO root for ssd300 (default $DATASETS_DIR); tiny uses its own set")
     v.add_argument("--max-images", type=int, default=None)
@@ -366,7 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="ONNX -> TVM engine (cached by content)")
     _common(c)
     c.add_argument("--target", default="cpu", help="cpu | cuda")
-    c.add_argument("--precision", default="fp32", help="cpu: fp32 | bf16; cuda: fp32 | fp16")
+    _user_graph(c)
+    c.add_argument("--precision", default="fp32",
+                   help="cpu: fp32 | bf16 | int8 (calibrated: see --calib-images); "
+                        "cuda: fp32 | fp16")
     c.add_argument("--batch", type=int, default=None, help="static batch (default: dynamic)")
     c.add_argument("--offload", default="dnnl", help="cpu: dnnl (oneDNN convolutions) | none")
     c.add_argument("--cuda-arch", default="sm_90")
@@ -376,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="engine-only speed per backend, precision and batch")
     _common(b, default_model="tiny")
     _selection(b)
+    _user_graph(b, engine=True)
     b.add_argument("--datasets-dir", default=None,
                    help="images to time (default: the model's own set; $DATASETS_DIR for ssd300)")
     b.add_argument("--perf-batches", default="1,8")

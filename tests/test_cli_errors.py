@@ -93,3 +93,63 @@ def test_cli_subprocess_prints_one_line(tmp_path):
          "--output", str(tmp_path / "m.onnx")], capture_output=True, text=True, timeout=120)
     assert_one_line_error(proc.returncode, proc.stderr, "checkpoint not found")
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def _onnx_with_input(path: Path, shape: list[int]) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, shape)
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["out"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return path
+
+
+@pytest.mark.parametrize("case, needles", [
+    ("missing", ("--onnx", "does not exist")),
+    ("wrong_input", ("--onnx", "does not fit this model", "[N, 3, 300, 300]")),
+    ("wrong_heads", ("--onnx", "raw head outputs")),
+])
+def test_user_onnx_that_does_not_fit(case, needles, tmp_path, capsys, store):
+    """A user's ONNX (compile/evaluate/bench --onnx) is checked against --model's config
+    before anything runs on it: one line."""
+    from ssd_pipeline.cli import main
+
+    path = tmp_path / "nope.onnx"
+    if case == "wrong_input":
+        _onnx_with_input(path, [1, 3, 224, 224])
+    elif case == "wrong_heads":
+        _onnx_with_input(path, [1, 3, 300, 300])
+    rc = main(["evaluate", "--model", "tiny", "--onnx", str(path), "--cache-dir",
+               str(store.root), "--quiet"])
+    assert_one_line_error(rc, capsys.readouterr().err, *needles)
+
+
+def test_engine_directory_round_trip(tmp_path, capsys, store):
+    """The original's flow: build an engine from the (simplified) ONNX file, then evaluate
+    that engine directory; torch, which has no ONNX input, is skipped saying so."""
+    from ssd_pipeline.cli import main
+    from ssd_pipeline.suite.models import resolve_bundle
+
+    common = ["--model", "tiny", "--cache-dir", str(store.root)]
+    onnx_path = resolve_bundle("tiny", _expectations(), store).artifacts.simplified_onnx_path
+    assert main(["compile", *common, "--onnx", str(onnx_path), "--precision", "int8",
+                 "--output", str(tmp_path / "engine")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", *common, "--engine", str(tmp_path / "engine"), "--max-images",
+                 "16", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "| tvm | int8 | 16 |" in out, out
+    assert main(["evaluate", *common, "--onnx", str(onnx_path), "--backends", "torch,tvm",
+                 "--precisions", "fp32", "--max-images", "8", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "torch: skipped" in captured.err and "| tvm | fp32 | 8 |" in captured.out
+    rc = main(["evaluate", *common, "--engine", str(tmp_path), "--quiet"])
+    assert_one_line_error(rc, capsys.readouterr().err, "--engine", "not an engine directory")
+
+
+def _expectations():
+    from ssd_pipeline.core.expectations import Expectations
+
+    return Expectations.load()

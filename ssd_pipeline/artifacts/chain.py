@@ -35,6 +35,41 @@ ONNX_FILE = "model.onnx"
 INFO_FILE = "info.json"
 
 
+def check_detector_onnx(path: Path, cfg: Any) -> Path:
+    """``path`` if it is an ONNX graph of this config's detector: one image input
+    [N, 3, S, S] and two raw outputs (class scores, box deltas) per feature level."""
+    from ..core.onnxfile import load_onnx
+
+    if not path.is_file():
+        raise UserError(f"--onnx {path} does not exist or is not a file")
+    model = load_onnx(path)
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    size = int(cfg.get("input_size", 300))
+    levels = len(cfg.model.bbox_head.anchor_generator.strides)
+    dims = [d.dim_value or d.dim_param for d in inputs[0].type.tensor_type.shape.dim] \
+        if len(inputs) == 1 else []
+    if len(dims) != 4 or dims[1:] != [3, size, size]:
+        raise UserError(f"--onnx {path}: input {[i.name for i in inputs]} of shape {dims} does "
+                        f"not fit this model (one input [N, 3, {size}, {size}]): pass the ONNX "
+                        "exported from the --model/--cfg you give")
+    if len(model.graph.output) != 2 * levels:
+        raise UserError(f"--onnx {path}: {len(model.graph.output)} outputs, this model has "
+                        f"{2 * levels} raw head outputs (scores and boxes for {levels} levels, "
+                        "no NMS): export it with 'ssd-pipeline export'")
+    # channels per output: anchors x (classes + background) and anchors x 4 per level (SSD's
+    # anchor generator: 2 + 2 x len(ratios) anchors)
+    head = cfg.model.bbox_head
+    anchors = [2 + 2 * len(r) for r in head.anchor_generator.ratios]
+    want = sorted([a * (head.num_classes + 1) for a in anchors] + [a * 4 for a in anchors])
+    got = sorted(o.type.tensor_type.shape.dim[1].dim_value for o in model.graph.output)
+    if got != want:
+        raise UserError(f"--onnx {path}: output channels {got} do not fit this model's heads "
+                        f"{want} ({head.num_classes} classes): pass the ONNX exported from the "
+                        "--model/--cfg you give")
+    return path
+
+
 class ModelArtifacts:
     """Lazily built, cached artifacts of one :class:`ModelSpec`: the detector, its ONNX and the
     simplified ONNX. Backends prepare from these; engines are built from the simplified ONNX."""
@@ -48,6 +83,13 @@ class ModelArtifacts:
         self.opset = opset
         self.calibration = calibration  # int8: images never scored; None: int8 unavailable
         self.calibration_method = calibration_method
+        self.user_onnx: Path | None = None  # set by use_onnx: the user's graph, not an export
+
+    def use_onnx(self, path: str | Path) -> None:
+        """Run every ONNX consumer (ONNX Runtime, OpenVINO, TVM, calibration) on the user's
+        ONNX (e.g. the original's ``onnxsim ssd.onnx ssd_opt.onnx`` output), refusing one that
+        does not fit this model's input and heads."""
+        self.user_onnx = check_detector_onnx(Path(path), load_config(self.spec.config))
 
     @functools.cached_property
     def torch_model(self) -> torch.nn.Module:
@@ -91,8 +133,9 @@ class ModelArtifacts:
 
     @property
     def simplified_onnx_path(self) -> Path:
-        """The onnxsim-simplified ONNX file: what ONNX Runtime and TVM consume."""
-        return self.simplified_dir / ONNX_FILE
+        """The onnxsim-simplified ONNX file: what ONNX Runtime and TVM consume (the user's,
+        after :meth:`use_onnx`)."""
+        return self.user_onnx or self.simplified_dir / ONNX_FILE
 
     def build_info(self) -> dict[str, Any]:
         """Export and simplification records (times, sizes, node counts)."""

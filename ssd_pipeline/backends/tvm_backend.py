@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -114,6 +115,33 @@ class TvmRunner(Runner):
 
 class TvmBackend(Backend):
     name = "tvm"
+
+    def from_engine_dir(self, engine_dir: str | Path, artifacts: ModelArtifacts,
+                        threads: int | None = None) -> TvmRunner:
+        """A runner on an engine directory built before (``ssd-pipeline compile --output``):
+        its own record says what it was built for, and :func:`load_engine` checks that this
+        TVM, CPU and shim can run it."""
+        import dataclasses
+        import json
+        import os
+
+        from ..engine.compile import META_FILE, EngineSpec, load_engine
+        from ..engine.kernels import build_shim
+
+        meta = Path(engine_dir) / META_FILE
+        try:
+            got = json.loads(meta.read_text())["spec"]
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"--engine {engine_dir} is not an engine directory ({meta}: "
+                            f"{e}); build one with 'ssd-pipeline compile --output DIR'"
+                            ) from None
+        names = {f.name for f in dataclasses.fields(EngineSpec)}
+        spec = EngineSpec(**{k: v for k, v in got.items() if k in names})
+        threads = threads or default_threads()
+        os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+        shim = build_shim(artifacts.store) if spec.offload == "dnnl" else None
+        engine = load_engine(engine_dir, spec, shim)
+        return TvmRunner(engine, spec, threads, list(engine.record["outputs"]))
 
     precisions = ("fp32", "bf16", "int8")
 

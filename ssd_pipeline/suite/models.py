@@ -161,6 +161,14 @@ class ModelBundle:
                 self.artifacts, precision=precision, threads=self.threads)
         return self._runners[backend, precision]
 
+    def use_engine(self, engine_dir: str | os.PathLike[str]) -> Runner:
+        """Serve ``runner("tvm", <its precision>)`` from a prebuilt engine directory."""
+        from ..backends.tvm_backend import TvmBackend
+
+        runner = TvmBackend().from_engine_dir(engine_dir, self.artifacts, self.threads)
+        self._runners["tvm", runner.precision] = runner
+        return runner
+
     def postprocessor(self, cat_ids: list[int] | None = None) -> Postprocessor:
         if cat_ids is None and self.entry.embedded:
             cat_ids = sorted(c for c, _ in DEFAULT_CATEGORIES)
