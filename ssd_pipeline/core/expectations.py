@@ -71,11 +71,12 @@ class Expectations:
 
     def gate_keys(self) -> list[str]:
         """Every gate of the file: each value but a table's ``source``/``decimals`` and the
-        tables marked ``informational = true`` (reference rows kept for comparison)."""
+        tables marked ``informational = true`` (reference rows kept for comparison) or
+        ``settings = true`` (choices the runs read, such as the calibration method)."""
         keys: list[str] = []
 
         def walk(node: dict[str, Any], prefix: str) -> None:
-            if node.get("informational") is True:
+            if node.get("informational") is True or node.get("settings") is True:
                 return
             for k, v in node.items():
                 if isinstance(v, dict):

@@ -332,16 +332,25 @@ def readme_tables(perf_json: Path, accuracy_json: Path) -> str:
            f"{rows[0].get('gflop_per_image') or 0:.1f} GFLOP of convolutions per image x img/s:",
            "",
            "| backend / precision | " + " | ".join(f"bs {b} img/s" for b in batches)
-           + f" | GFLOP/s (bs {mid}) | vs ONNX Runtime fp32 ("
-           + " / ".join(f"bs {b}" for b in batches) + ") |",
-           "|---|" + "---|" * (len(batches) + 2)]
+           + f" | GFLOP/s (bs {mid}) | of peak / of oneDNN matmul (bs {mid}) "
+           "| vs ONNX Runtime fp32 (" + " / ".join(f"bs {b}" for b in batches) + ") |",
+           "|---|" + "---|" * (len(batches) + 3)]
     for backend, precision in cases:
         cells = [by.get((backend, precision, b)) for b in batches]
         ips = [f"{c['images_per_s']:.2f}" if c else "" for c in cells]
         ratio = " / ".join(f"{c['ratio_vs_onnxruntime']:.2f}" if c else "-" for c in cells)
         gf = by.get((backend, precision, mid))
         gflops = f"{gf['gflops']:.0f}" if gf else ""
-        out.append(f"| {backend} {precision} | {' | '.join(ips)} | {gflops} | {ratio} |")
+        frac = (f"{gf['peak_fraction']:.2f} / {gf['roofline_fraction']:.2f}"
+                if gf and gf.get("peak_fraction") is not None else "-")
+        out.append(f"| {backend} {precision} | {' | '.join(ips)} | {gflops} | {frac} | "
+                   f"{ratio} |")
+    ceilings = next((r["ceilings"] for r in rows if r.get("ceilings")), None)
+    if ceilings:
+        out += ["", "This run's ceilings (`ssd_pipeline/engine/peak.py`, same threads): "
+                + "; ".join(f"{p} peak {c['peak_gops']:.0f} GOP/s ({c['peak_kernel']}), oneDNN "
+                            f"matmul {c['achievable_gops']:.0f}" for p, c in ceilings.items())
+                + "."]
     if e2e:
         out += ["", "End-to-end (JPEG decode + preprocessing + engine + mmdet decode/NMS) over "
                 "engine-only img/s, same run: " + ", ".join(
@@ -354,13 +363,18 @@ def readme_tables(perf_json: Path, accuracy_json: Path) -> str:
         first = acc[0]
         out += ["", f"Embedded model, {first['num_images']}-image val split "
                 f"(`pytest -m accuracy --models tiny`, batch {first['batch_size']}):", "",
-                "| backend / precision | mAP@0.5 | mAP@0.5:0.95 | mAP_75 | AR@100 |",
-                "|---|---|---|---|---|"]
+                "| backend / precision | mAP@0.5 | mAP@0.5:0.95 | mAP_75 | AR@100 | "
+                "mAP@0.5:0.95 drop vs torch fp32 (points) |",
+                "|---|---|---|---|---|---|"]
+        ref = next((r["metrics"]["bbox_mAP"] for r in acc
+                    if (r["backend"], r["precision"]) == ("torch", "fp32")), None)
         for r in sorted(acc, key=lambda r: (r["backend"] != "torch", r["backend"],
                                             r["precision"])):
             m = r["metrics"]
+            drop = f"{(ref - m['bbox_mAP']) * 100:+.2f}" if ref is not None else "-"
             out.append(f"| {r['backend']} {r['precision']} | {m['bbox_mAP_50']:.4f} | "
-                       f"{m['bbox_mAP']:.4f} | {m['bbox_mAP_75']:.4f} | {m['bbox_AR@100']:.4f} |")
+                       f"{m['bbox_mAP']:.4f} | {m['bbox_mAP_75']:.4f} | {m['bbox_AR@100']:.4f} "
+                       f"| {drop} |")
     return "\n".join(out)
 
 
