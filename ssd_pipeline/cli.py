@@ -22,7 +22,7 @@ from .artifacts.simplify import simplify_onnx
 from .core.cache import ArtifactStore, file_sha256
 from .core.errors import UserError
 from .core.expectations import Expectations
-from .core.host import STACK, default_threads, machine_info, versions
+from .core.host import STACK, default_threads, has_vnni, machine_info, versions
 from .engine.compile import EngineSpec, cached_engine, cached_engine_dir
 from .model import DEFAULT_CONFIG, ModelSpec
 from .suite.bench import (
@@ -149,6 +149,10 @@ def _cases(args: argparse.Namespace) -> list[tuple[str, str]]:
               file=sys.stderr)
         chosen = [b for b in chosen if b != "torch"] or ["tvm"]
     cases = backends.cases(chosen, getattr(args, "engine_precision", None) or args.precisions)
+    if any(p == "int8" for _, p in cases) and not has_vnni():
+        print("note: this CPU has no VNNI (avx512_vnni / avx_vnni): int8 weights use 7 bits so "
+              "AVX2's int16 pair sums cannot overflow, and int8 peaks at about 2x fp32 here "
+              "(4x with VNNI)", file=sys.stderr)
     if not cases:
         raise UserError(f"none of backends {', '.join(chosen)} runs precision(s) "
                         f"{args.precisions} on this CPU")

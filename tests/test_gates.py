@@ -23,7 +23,8 @@ KEY = "accuracy.ssd_tiny_synthetic"
 def run_gate(records: Path, *overrides: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "pytest", "tests/test_accuracy.py", "-k", "not drop",
            "-p", "no:cacheprovider", "-q", "--models", "tiny", "--backends", "onnxruntime",
-           "--precisions", "fp32", "--max-images", "40", "--batch-size", "8", "--records-dir", str(records)]
+           "--precisions", "fp32", "--max-images", "40", "--batch-size", "8", "--records-dir",
+           str(records)]
     for o in overrides:
         cmd += ["--expect", o]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,

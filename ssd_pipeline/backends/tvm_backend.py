@@ -35,7 +35,11 @@ class TvmRunner(Runner):
             "device": spec.target, "target": engine.record["spec"]["tvm_target"],
             "offload": spec.offload, "engine_batch": spec.batch or "dynamic",
             "engine": str(engine.path), "tvm": tvm.__version__,
-            "compile_s": engine.record["compile_s"]})
+            "compile_s": engine.record["compile_s"],
+            **({"int8_weight_bits": engine.record["quantization"]["weight_bits"],
+                "calibration_method": engine.record["quantization"]["method"],
+                "calibration_images": engine.record["quantization"]["num_images"]}
+               if engine.record.get("quantization") else {})})
         self.engine = engine
         self.spec = spec
         self._fn = engine.vm["main"]
