@@ -13,7 +13,7 @@ import pytest
 
 from conftest import WORLD, missing_data, progress_stream, write_record_part
 from ssd_pipeline.core.errors import UserError
-from ssd_pipeline.core.gates import require
+from ssd_pipeline.core.gates import drop_key, require
 
 pytestmark = pytest.mark.accuracy
 
@@ -132,9 +132,7 @@ def test_accuracy_drop_vs_torch(model_name, compared_backend, precision, accurac
                                 expectations):
     ref = accuracy_of(model_name, "torch", "fp32")["metrics"]
     got = accuracy_of(model_name, compared_backend, precision)["metrics"]
-    key = f"accuracy.drop_vs_torch.{compared_backend}_{precision}_max"  # a peer's own entry
-    if expectations.optional(key) is None:
-        key = f"accuracy.drop_vs_torch.{precision}_max"
+    key = drop_key(expectations, compared_backend, precision)
     drops = {stat: ref[stat] - got[stat] for stat in ("bbox_mAP", "bbox_mAP_50")}
     if expectations.is_measured_only(key):
         pytest.skip(f"measured only, not gated ({key}): drops vs torch fp32 "

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.backend("tvm")
 
 
 def tolerance_table(precision: str) -> str:
-    return {"fp32": "parity.fp32", "int8": "parity.int8"}.get(precision, "parity.reduced")
+    from ssd_pipeline.core.gates import parity_table
+
+    return parity_table(precision)
 
 
 @pytest.fixture(scope="session")

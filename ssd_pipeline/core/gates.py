@@ -58,6 +58,20 @@ class Verdict:
         return f"{self.status:<8} {self.key} [{self.case}]: {self.detail}"
 
 
+def parity_table(precision: str) -> str:
+    """The tolerance table of a precision's parity: fp32 tight, int8 its own, bf16/fp16 the
+    reduced-precision one."""
+    return {"fp32": "parity.fp32", "int8": "parity.int8"}.get(precision, "parity.reduced")
+
+
+def drop_key(expectations: Expectations, backend: str, precision: str) -> str:
+    """The AP-drop gate of ``backend`` at ``precision``: a backend's own entry (the int8 peers
+    are measured only) or the precision's."""
+    own = f"accuracy.drop_vs_torch.{backend}_{precision}_max"
+    return own if expectations.optional(own) is not None else \
+        f"accuracy.drop_vs_torch.{precision}_max"
+
+
 def judge(expectations: Expectations, key: str, case: str, got: float) -> Verdict:
     """Apply the gate ``key`` of the expectations file to ``got``: the same check, threshold,
     rounding rule and message the tests apply (they call :func:`require`)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..backends import Runner
-from ..core.gates import Verdict, judge
+from ..core.gates import Verdict, drop_key, judge, parity_table
 from ..parity import rel_errs
 from .bench import REFERENCE, BenchSettings, SpeedRecord, first_batch, speed_log_for, write_records
 from .evaluate import accuracy_record, format_table
@@ -123,11 +123,11 @@ def judge_run(bundle: ModelBundle, accuracy: list[dict[str, Any]], parity: dict[
         if r["backend"] == "torch" or ref is None or bundle.spec.checkpoint is None:
             continue
         for stat in ("bbox_mAP", "bbox_mAP_50"):
-            out.append(judge(exp, f"accuracy.drop_vs_torch.{r['precision']}_max",
+            out.append(judge(exp, drop_key(exp, r["backend"], r["precision"]),
                              f"{r['backend']}/{r['precision']} {stat}",
                              ref["metrics"][stat] - r["metrics"][stat]))
     for case, err in parity.items():
-        table = "parity.fp32" if case.endswith("/fp32") else "parity.reduced"
+        table = parity_table(case.rsplit("/", 1)[1])
         out.append(judge(exp, f"{table}.raw_rel_err_max", f"{case} vs torch/fp32", err))
     for s in speed:
         if (s.backend, s.precision) == REFERENCE:
