@@ -74,24 +74,54 @@ struct Conv {
 std::mutex g_mu;
 std::unordered_map<std::string, std::shared_ptr<Conv>> g_cache;
 
+// The cached primitive for `key`, made by `make` when absent or when other weights now sit at
+// the same address (their fingerprint differs).
+template <typename Make>
+std::shared_ptr<Conv> Cached(const std::string& key, const std::vector<float>& fingerprint,
+                             Make make) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  auto it = g_cache.find(key);
+  if (it != g_cache.end() && it->second->fingerprint == fingerprint) return it->second;
+  auto conv = make();
+  g_cache[key] = conv;
+  return conv;
+}
+
+// Shapes of one NHWC convolution call; a pointwise one runs as a matmul.
+struct Geometry {
+  int64_t n, h, w, c, o, kh, kw, oh, ow;
+  bool pointwise;
+};
+
+Geometry GeometryOf(const TensorView& src, const TensorView& weight, const TensorView& dst,
+                    int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr) {
+  Geometry g{src.size(0), src.size(1), src.size(2), src.size(3), weight.size(0),
+             weight.size(1), weight.size(2), dst.size(1), dst.size(2), false};
+  g.pointwise = g.kh == 1 && g.kw == 1 && sh == 1 && sw == 1 && pt == 0 && pl == 0 &&
+                pb == 0 && pr == 0 && g.oh == g.h && g.ow == g.w;
+  return g;
+}
+
+dnnl::primitive_attr ReluAttr(bool relu) {
+  dnnl::post_ops ops;
+  if (relu) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+  dnnl::primitive_attr attr;
+  attr.set_post_ops(ops);
+  return attr;
+}
+
 std::shared_ptr<Conv> MakeConv(const TensorView& src, const TensorView& weight,
                                const TensorView& dst, int64_t sh, int64_t sw, int64_t pt,
                                int64_t pl, int64_t pb, int64_t pr, int64_t dh, int64_t dw,
                                bool relu, bool bf16) {
   using tag = dnnl::memory::format_tag;
   using dt = dnnl::memory::data_type;
-  const int64_t n = src.size(0), h = src.size(1), w = src.size(2), c = src.size(3);
-  const int64_t o = weight.size(0), kh = weight.size(1), kw = weight.size(2);
-  const int64_t oh = dst.size(1), ow = dst.size(2);
+  const auto [n, h, w, c, o, kh, kw, oh, ow, pointwise] =
+      GeometryOf(src, weight, dst, sh, sw, pt, pl, pb, pr);
   auto conv = std::make_shared<Conv>();
   const dt compute = bf16 ? dt::bf16 : dt::f32;
-  dnnl::post_ops ops;
-  if (relu) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
-  dnnl::primitive_attr attr;
-  attr.set_post_ops(ops);
+  dnnl::primitive_attr attr = ReluAttr(relu);
   dnnl::stream s(CpuEngine());
-  const bool pointwise = kh == 1 && kw == 1 && sh == 1 && sw == 1 && pt == 0 && pl == 0 &&
-                         pb == 0 && pr == 0 && oh == h && ow == w;
   if (pointwise) {
     // NHWC 1x1 convolution == (N*H*W x C) . (C x O): oneDNN's matmul, because its AVX2
     // pointwise convolution kernel ran SSD300's 19x19 1024->1024 layer at 36 GOP/s against
@@ -152,18 +182,11 @@ void Conv2dNHWC(TensorView src, TensorView weight, TensorView bias, int64_t sh, 
       << weight.size(0) << ',' << weight.size(1) << ',' << weight.size(2) << ';' << dst.size(1)
       << ',' << dst.size(2) << ';' << sh << sw << ';' << pt << ',' << pl << ',' << pb << ','
       << pr << ';' << dh << dw << relu << bf16 << ';' << weight.data_ptr();
-  std::shared_ptr<Conv> conv;
-  {
-    std::lock_guard<std::mutex> lock(g_mu);
-    auto it = g_cache.find(key.str());
-    auto fp = Fingerprint(static_cast<const float*>(weight.data_ptr()), weight.numel());
-    if (it != g_cache.end() && it->second->fingerprint == fp) {
-      conv = it->second;
-    } else {
-      conv = MakeConv(src, weight, dst, sh, sw, pt, pl, pb, pr, dh, dw, relu != 0, bf16 != 0);
-      g_cache[key.str()] = conv;
-    }
-  }
+  auto conv = Cached(
+      key.str(), Fingerprint(static_cast<const float*>(weight.data_ptr()), weight.numel()),
+      [&] {
+        return MakeConv(src, weight, dst, sh, sw, pt, pl, pb, pr, dh, dw, relu != 0, bf16 != 0);
+      });
   auto& eng = CpuEngine();
   dnnl::stream s(eng);
   dnnl::memory src_m(conv->src_user, eng, src.data_ptr());
@@ -198,18 +221,12 @@ std::shared_ptr<Conv> MakeConvInt8(const TensorView& src, const TensorView& weig
                                    int64_t dw, bool relu) {
   using tag = dnnl::memory::format_tag;
   using dt = dnnl::memory::data_type;
-  const int64_t n = src.size(0), h = src.size(1), w = src.size(2), c = src.size(3);
-  const int64_t o = weight.size(0), kh = weight.size(1), kw = weight.size(2);
-  const int64_t oh = dst.size(1), ow = dst.size(2);
+  const auto [n, h, w, c, o, kh, kw, oh, ow, pointwise] =
+      GeometryOf(src, weight, dst, sh, sw, pt, pl, pb, pr);
   const bool dst_u8 = IsDtype(dst, kDLUInt, 8);
   const dt dst_dt = dst_u8 ? dt::u8 : dt::f32;
   auto conv = std::make_shared<Conv>();
-  dnnl::post_ops ops;
-  if (relu) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
-  dnnl::primitive_attr attr;
-  attr.set_post_ops(ops);
-  const bool pointwise = kh == 1 && kw == 1 && sh == 1 && sw == 1 && pt == 0 && pl == 0 &&
-                         pb == 0 && pr == 0 && oh == h && ow == w;
+  dnnl::primitive_attr attr = ReluAttr(relu);
   // weights' scales: one per output channel, which is dim 0 of OIHW and dim 1 of matmul's KxN
   attr.set_scales_mask(DNNL_ARG_SRC, 0);
   attr.set_scales_mask(DNNL_ARG_WEIGHTS, pointwise ? 1 << 1 : 1 << 0);
@@ -277,20 +294,11 @@ void Conv2dNHWCInt8(TensorView src, TensorView weight, TensorView wscale, Tensor
       << ',' << pb << ',' << pr << ';' << dh << dw << relu << ';' << int(dst.dtype().code)
       << ';' << src_scale << ',' << dst_scale << ';' << weight.data_ptr() << ','
       << wscale.data_ptr();
-  std::shared_ptr<Conv> conv;
-  {
-    std::lock_guard<std::mutex> lock(g_mu);
-    auto it = g_cache.find(key.str());
-    auto fp = FingerprintBytes(weight.data_ptr(), weight.numel());
-    if (it != g_cache.end() && it->second->fingerprint == fp) {
-      conv = it->second;
-    } else {
-      conv = MakeConvInt8(src, weight, wscale, dst, static_cast<float>(src_scale),
-                          static_cast<float>(dst_scale), sh, sw, pt, pl, pb, pr, dh, dw,
-                          relu != 0);
-      g_cache[key.str()] = conv;
-    }
-  }
+  auto conv = Cached(key.str(), FingerprintBytes(weight.data_ptr(), weight.numel()), [&] {
+    return MakeConvInt8(src, weight, wscale, dst, static_cast<float>(src_scale),
+                        static_cast<float>(dst_scale), sh, sw, pt, pl, pb, pr, dh, dw,
+                        relu != 0);
+  });
   auto& eng = CpuEngine();
   dnnl::stream s(eng);
   std::unordered_map<int, dnnl::memory> args = conv->scales;
