@@ -115,7 +115,7 @@ def test_unusual_images_decode_to_bgr(tmp_path, kind):
 @pytest.mark.parametrize("args,match", [
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--backends", "tensorrt"], "unknown backend 'tensorrt'"),
-    (["--precision", "int8"], "no precision 'int8'"),
+    (["--precision", "int4"], "no precision 'int4'"),
     (["--expect", "accuracy.nope=1"], "no key 'accuracy.nope'"),
     (["--expect", "parity.fp32.raw_rel_err_max=abc"], "is not a number"),
 ])
