@@ -150,8 +150,8 @@ def test_random_init_ssd300_on_generated_coco(store, tmp_path):
 
     make_coco_set(tmp_path / "coco", "val2017", 12, seed=31,
                   categories=[(c, f"class{c}") for c in COCO80_CATEGORY_IDS])
-    args = ["--model", "ssd300", "--backends", "onnxruntime", "--batch-size", "4",
-            "--datasets-dir", str(tmp_path / "coco")]
+    args = ["--model", "ssd300", "--backends", "onnxruntime", "--precisions", "fp32",
+            "--batch-size", "4", "--datasets-dir", str(tmp_path / "coco")]
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     p = run(evaluate_args(store, one, *args))
     assert p.returncode == 0, p.stderr
@@ -232,7 +232,8 @@ def test_aggregate_throughput_of_two_processes(store, tmp_path):
     """``bench`` under torchrun: all ranks' images over the longest rank's time, one file."""
     out = tmp_path / "tp.json"
     p = run(torchrun("--standalone", "--nproc-per-node", "2", str(BIN / "ssd-pipeline"),
-                     "bench", "--model", "tiny", "--backends", "onnxruntime", "--threads", "1",
+                     "bench", "--model", "tiny", "--backends", "onnxruntime", "--precisions",
+                     "fp32", "--threads", "1",
                      "--perf-batches", "2", "--perf-seconds", "1", "--cache-dir",
                      str(store.root), "--output", str(out)))
     assert p.returncode == 0, p.stderr
