@@ -167,17 +167,6 @@ def write_calibration(onnx_path: Path, batches: Iterable[np.ndarray], method: st
     return record
 
 
-def read_calibration(path: Path) -> dict[str, Any]:
-    try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"calibration record {path} cannot be read ({e}): calibrate again"
-                        ) from None
-    if record.get("format") != FORMAT:
-        raise UserError(f"{path} is not a {FORMAT} record: calibrate again")
-    return record
-
-
 def quantize_qdq(onnx_path: Path, ranges: Path, method: str, out_path: Path) -> dict[str, Any]:
     """ONNX Runtime's ``quantize_static`` from the calibration pass's ``ranges``: QDQ, S8S8,
     per-channel weights, the same convolutions and max-pools our engine quantizes (the first

@@ -202,8 +202,7 @@ def _calibration_record(spec: EngineSpec, calibration: Path | None) -> dict[str,
     if calibration is None or file_sha256(calibration) != spec.calibration:
         raise UserError(f"the int8 engine was asked for calibration {spec.calibration!r} but "
                         f"got {calibration}: calibrate again")
-    record = json.loads(Path(calibration).read_text())
-    return record
+    return json.loads(Path(calibration).read_text())
 
 
 def build_engine(onnx_path: str | Path, spec: EngineSpec, out_dir: str | Path,
