@@ -255,3 +255,27 @@ def test_shim_int8_convolution_exact(store, kh, stride, pad, dilation, relu, dst
         assert np.abs(got - ref).max() <= 1 and (got != ref).mean() < 0.01
     else:
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_int8_padded_output_channels_slice_back_to_the_same_result(store):
+    """The int8 rewrite pads a convolution's output channels to oneDNN's block (the heads'
+    324/486): the padded call's first channels equal the unpadded call's, exactly."""
+    import numpy as np
+    import tvm
+
+    from ssd_pipeline.engine.kernels import build_shim, load_shim
+    from ssd_pipeline.engine.quantize import OC_BLOCK, pad_output_channels, quantize_weights
+
+    mod = load_shim(str(build_shim(store)))
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 256, (2, 9, 9, 32)).astype(np.uint8)
+    wq, ws = quantize_weights(rng.standard_normal((36, 3, 3, 32)).astype(np.float32), 7)
+    b = rng.standard_normal(36).astype(np.float32)
+    outs = []
+    for w_, s_, b_ in [(wq, ws, b), pad_output_channels(wq, ws, b, OC_BLOCK)]:
+        out = np.zeros((2, 9, 9, w_.shape[0]), np.float32)
+        t = [tvm.runtime.tensor(a) for a in (x, w_, s_, b_, out)]
+        mod.conv2d_nhwc_int8(*t[:4], 0.02, 1.0, 1, 1, 1, 1, 1, 1, 1, 1, 0, t[4])
+        outs.append(t[4].numpy())
+    assert outs[1].shape[-1] == 48 and not outs[1][..., 36:].any()
+    np.testing.assert_array_equal(outs[1][..., :36], outs[0])
