@@ -41,7 +41,7 @@ def _map(bundle, runner, dataset) -> dict:
 def test_int8_kernels_ran(tiny, sample_batch, capfd):
     """oneDNN's own verbose log: every convolution the engine record calls int8 executed as a
     u8-source primitive with a jit (not reference) implementation; a silent float path, or a
-    slow reference kernel, fails here."""
+    slow reference kernel, fails here; so does a residual add left out of its convolution."""
     runner = tiny.runner("tvm", "int8")
     q = runner.engine.record["quantization"]
     shim = runner.engine.shim
@@ -61,6 +61,9 @@ def test_int8_kernels_ran(tiny, sample_batch, capfd):
     assert len(compute) - len(int8) == len(q["float_convs"]), q["float_convs"]
     assert not [i for i in impls if i.startswith("ref")], impls
     assert q["u8_outputs"] > 0  # u8 flows conv to conv: not every output is dequantized
+    # the embedded model's residual blocks: conv -> add -> ReLU ran as one primitive each
+    fused = [ln for ln in int8 if "binary_add" in ",".join(ln)]
+    assert len(fused) == q["residual_adds"] > 0, (len(fused), q)
 
 
 def test_int8_record_states_its_calibration(tiny):

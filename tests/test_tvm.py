@@ -279,3 +279,31 @@ def test_int8_padded_output_channels_slice_back_to_the_same_result(store):
         outs.append(t[4].numpy())
     assert outs[1].shape[-1] == 48 and not outs[1][..., 36:].any()
     np.testing.assert_array_equal(outs[1][..., :36], outs[0])
+
+
+@pytest.mark.parametrize("kh", [3, 1])
+def test_shim_int8_residual_add_exact(store, kh):
+    """conv2d_nhwc_int8_add (a residual block's conv -> add -> ReLU in one oneDNN call, u8
+    out) equals the float32-output int8 convolution plus the residual, ReLU and requantized
+    by numpy: the fused post-ops change nothing but where the add runs."""
+    import numpy as np
+    import tvm
+
+    from ssd_pipeline.engine.kernels import build_shim, load_shim
+
+    mod = load_shim(str(build_shim(store)))
+    rng = np.random.default_rng(kh)
+    n, h, c, o, pad = 2, 9, 32, 48, kh // 2
+    x = rng.integers(0, 256, (n, h, h, c)).astype(np.uint8)
+    wq = rng.integers(-63, 64, (o, kh, kh, c)).astype(np.int8)
+    ws = rng.uniform(1e-3, 4e-3, o).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    res = rng.standard_normal((n, h, h, o)).astype(np.float32)
+    t = [tvm.runtime.tensor(a) for a in (x, wq, ws, b, res, np.zeros((n, h, h, o), np.uint8),
+                                        np.zeros((n, h, h, o), np.float32))]
+    geometry = (1, 1, pad, pad, pad, pad, 1, 1)
+    mod.conv2d_nhwc_int8_add(*t[:4], 0.02, 0.05, *geometry, 1, t[4], t[5])
+    mod.conv2d_nhwc_int8(*t[:4], 0.02, 1.0, *geometry, 0, t[6])
+    ref = np.clip(np.rint(np.maximum(t[6].numpy() + res, 0) / 0.05), 0, 255)
+    diff = np.abs(t[5].numpy().astype(np.float64) - ref)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01

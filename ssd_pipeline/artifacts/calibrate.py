@@ -35,7 +35,7 @@ METHODS = ("minmax", "percentile", "entropy")
 CALIBRATION_FILE = "calibration.json"
 ORT_RANGES_FILE = "ort_tensor_ranges.json"  # the same ranges, as ONNX Runtime's cache reads them
 QDQ_FILE = "model_qdq.onnx"
-FORMAT = "ssd_pipeline.calibration/1"
+FORMAT = "ssd_pipeline.calibration/2"
 CHUNK_IMAGES = 4
 
 
@@ -139,8 +139,16 @@ def calibrate(onnx_path: Path, batches: Iterable[np.ndarray], method: str
         after = consumers.get(node.output[0], [])
         relu = len(after) == 1 and after[0].op_type == "Relu"
         dst = ranges.get(after[0].output[0]) if relu else None
+        # a residual block's conv -> Add -> Relu: the engine runs the add and the ReLU inside
+        # the convolution and writes u8 with the ReLU output's range
+        added = len(after) == 1 and after[0].op_type == "Add"
+        then = consumers.get(after[0].output[0], []) if added else []
+        add_relu = (ranges.get(then[0].output[0])
+                    if len(then) == 1 and then[0].op_type == "Relu" else None)
         entry: dict[str, Any] = {"name": node.name, "src_highest": src and src[1],
-                                 "dst_highest": dst and dst[1], "float_reason": None}
+                                 "dst_highest": dst and dst[1],
+                                 "add_relu_highest": add_relu and add_relu[1],
+                                 "float_reason": None}
         if src is None:
             entry["float_reason"] = "its input was not calibrated"
         elif src[0] < 0:

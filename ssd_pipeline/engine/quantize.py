@@ -59,7 +59,7 @@ def int8_convolutions(mod: Any, calibration: dict[str, Any]) -> tuple[Any, dict[
     from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
     from ..core.onnxfile import weight_key
-    from .kernels import CONV2D_NHWC, CONV2D_NHWC_INT8
+    from .kernels import CONV2D_NHWC, CONV2D_NHWC_INT8, CONV2D_NHWC_INT8_ADD
 
     convs = calibration["convs"]
     bits = int(calibration["weight_bits"])
@@ -75,44 +75,76 @@ def int8_convolutions(mod: Any, calibration: dict[str, Any]) -> tuple[Any, dict[
     def ints(values: list[int]) -> list[Any]:
         return [relax.prim_value(tvm.tirx.IntImm("int64", v)) for v in values]
 
-    def rewrite(expr: Any, m: Any) -> Any:
-        a = m[conv].attrs
-        if a.data_layout != "NHWC" or a.kernel_layout != "OHWI" or int(a.groups) != 1:
-            return expr
-        bias = m[b].value.numpy().reshape(-1)
-        if bias.size != int(m[conv].ty.shape[3]):
-            return expr
-        is_relu = isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.nn.relu"
-        geometry = [*map(int, a.strides), *map(int, a.padding), *map(int, a.dilation)]
+    def calibrated(m: Any) -> tuple[dict[str, Any] | None, str | None]:
         w_ohwi = m[w].value.numpy()
         entry = convs.get(weight_key(w_ohwi.transpose(WEIGHT_AXES_OHWI_TO_OIHW)))
         reason = "not in the calibration record" if entry is None else entry["float_reason"]
-        if reason is not None:
-            floats[entry["name"] if entry else f"conv {tuple(w_ohwi.shape)}"] = reason
-            return relax.call_dps_packed(
-                CONV2D_NHWC, [m[x], m[w], relax.const(bias), *ints([*geometry, is_relu, 0])],
-                out_ty=expr.ty)
+        return entry, reason
+
+    def int8_call(m: Any, entry: dict[str, Any], relu: bool, dst_highest: float | None,
+                  residual: Any = None) -> Any:
+        """quantize(x) -> oneDNN int8 conv (-> + residual) (-> ReLU) -> u8 with the range
+        ``dst_highest`` then dequantize, or float32 where there is no such range."""
+        a, bias = m[conv].attrs, m[b].value.numpy().reshape(-1)
+        geometry = [*map(int, a.strides), *map(int, a.padding), *map(int, a.dilation)]
         s_src = entry["src_highest"] / 255.0
-        u8_out = is_relu and bool(entry["dst_highest"])
-        s_dst = entry["dst_highest"] / 255.0 if u8_out else 1.0
-        wq, wscale, bias_p = pad_output_channels(*quantize_weights(w_ohwi, bits), bias, OC_BLOCK)
+        u8_out = relu and bool(dst_highest)
+        s_dst = dst_highest / 255.0 if u8_out else 1.0
+        wq, wscale = quantize_weights(m[w].value.numpy(), bits)
+        if residual is None:  # a residual has the unpadded shape: its convolution stays so
+            wq, wscale, bias = pad_output_channels(wq, wscale, bias, OC_BLOCK)
         src = relax.op.quantize(m[x], f32(s_src), relax.const(0, "int8"), axis=-1,
                                 out_dtype="uint8")
-        shape = list(expr.ty.shape)
+        shape = list(m[conv].ty.shape)
         out = relax.call_dps_packed(
-            CONV2D_NHWC_INT8,
-            [src, relax.const(wq), relax.const(wscale), relax.const(bias_p),
+            CONV2D_NHWC_INT8 if residual is None else CONV2D_NHWC_INT8_ADD,
+            [src, relax.const(wq), relax.const(wscale), relax.const(bias),
              relax.prim_value(tvm.tirx.FloatImm("float64", s_src)),
              relax.prim_value(tvm.tirx.FloatImm("float64", s_dst)),
-             *ints([*geometry, is_relu])],
+             *ints([*geometry, relu]), *([] if residual is None else [residual])],
             out_ty=relax.TensorType([*shape[:3], wq.shape[0]], "uint8" if u8_out else "float32"))
-        if wq.shape[0] != bias.size:
-            out = relax.op.strided_slice(out, axes=[3], begin=[0], end=[bias.size])
+        if wq.shape[0] != shape[3]:
+            out = relax.op.strided_slice(out, axes=[3], begin=[0], end=[shape[3]])
         if not u8_out:
             return out
         return relax.op.dequantize(out, f32(s_dst), relax.const(0, "int8"), axis=-1,
                                    out_dtype="float32")
 
+    def supported(m: Any) -> bool:
+        a = m[conv].attrs
+        return (a.data_layout == "NHWC" and a.kernel_layout == "OHWI" and int(a.groups) == 1
+                and m[b].value.numpy().size == int(m[conv].ty.shape[3]))
+
+    def rewrite(expr: Any, m: Any) -> Any:
+        if not supported(m):
+            return expr
+        is_relu = isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.nn.relu"
+        entry, reason = calibrated(m)
+        if reason is not None:
+            a = m[conv].attrs
+            floats[entry["name"] if entry else f"conv {m[w].value.numpy().shape}"] = reason
+            return relax.call_dps_packed(
+                CONV2D_NHWC, [m[x], m[w], relax.const(m[b].value.numpy().reshape(-1)),
+                              *ints([*map(int, a.strides), *map(int, a.padding),
+                                     *map(int, a.dilation), is_relu, 0])],
+                out_ty=expr.ty)
+        return int8_call(m, entry, is_relu, entry["dst_highest"])
+
+    # step 1a: a residual block's conv -> add -> ReLU is one oneDNN call (the add a binary
+    # post-op) writing u8, where the ReLU output was calibrated
+    residual = wildcard()
+    block = is_op("relax.nn.relu")(is_op("relax.add")(add, residual)
+                                   | is_op("relax.add")(residual, add))
+
+    def fuse_residual(expr: Any, m: Any) -> Any:
+        entry, reason = calibrated(m) if supported(m) else (None, "unsupported")
+        if (reason is not None or not entry.get("add_relu_highest")
+                or str(m[residual].ty.dtype) != "float32"):
+            return expr
+        return int8_call(m, entry, True, entry["add_relu_highest"], m[residual])
+
+    mod["main"] = rewrite_call(block, fuse_residual, mod["main"])
+    # step 1b: every other convolution
     mod["main"] = rewrite_call(relu | add, rewrite, mod["main"])
 
     # step 2: u8 stays u8 between convolutions
@@ -132,25 +164,27 @@ def int8_convolutions(mod: Any, calibration: dict[str, Any]) -> tuple[Any, dict[
 
     mod["main"] = rewrite_call(requant, fold, mod["main"])
     mod = relax.transform.DeadCodeElimination()(mod)
-    dst = int8_call_outputs(mod)
-    return mod, {"weight_bits": bits, "int8_convs": len(dst),
-                 "u8_outputs": dst.count("uint8"),
+    calls = int8_call_outputs(mod)
+    return mod, {"weight_bits": bits, "int8_convs": len(calls),
+                 "u8_outputs": sum(dt == "uint8" for _, dt in calls),
+                 "residual_adds": sum(f == CONV2D_NHWC_INT8_ADD for f, _ in calls),
                  "float_convs": [{"name": k, "reason": v} for k, v in floats.items()]}
 
 
-def int8_call_outputs(mod: Any) -> list[str]:
-    """Output dtype of each int8 convolution call left in ``main`` (read from the graph, not
-    from what the rewriter was asked: it may visit a match more than once)."""
+def int8_call_outputs(mod: Any) -> list[tuple[str, str]]:
+    """(function, output dtype) of each int8 convolution call left in ``main`` (read from the
+    graph, not from what the rewriter was asked: it may visit a match more than once)."""
     from tvm import relax
 
-    from .kernels import CONV2D_NHWC_INT8
+    from .kernels import CONV2D_NHWC_INT8, CONV2D_NHWC_INT8_ADD
 
-    out: list[str] = []
+    out: list[tuple[str, str]] = []
 
     def visit(e: Any) -> None:
-        if (isinstance(e, relax.Call) and e.args
-                and getattr(e.args[0], "global_symbol", None) == CONV2D_NHWC_INT8):
-            out.append(str(e.ty.dtype))
+        name = getattr(e.args[0], "global_symbol", None) if isinstance(e, relax.Call) and \
+            e.args else None
+        if name in (CONV2D_NHWC_INT8, CONV2D_NHWC_INT8_ADD):
+            out.append((name, str(e.ty.dtype)))
 
     relax.analysis.post_order_visit(mod["main"], visit)
     return out

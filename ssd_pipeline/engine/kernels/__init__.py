@@ -21,6 +21,7 @@ PEAK_SOURCE = Path(__file__).with_name("peak.cc")
 LIB_NAME = "ssd_dnnl.so"
 CONV2D_NHWC = "ssd_pipeline.dnnl.conv2d_nhwc"
 CONV2D_NHWC_INT8 = "ssd_pipeline.dnnl.conv2d_nhwc_int8"
+CONV2D_NHWC_INT8_ADD = "ssd_pipeline.dnnl.conv2d_nhwc_int8_add"
 
 
 def _onednn_prefix() -> Path:
@@ -81,4 +82,5 @@ def load_shim(path: str) -> Any:
     mod = tvm_ffi.load_module(path)
     tvm_ffi.register_global_func(CONV2D_NHWC, mod.conv2d_nhwc, override=True)
     tvm_ffi.register_global_func(CONV2D_NHWC_INT8, mod.conv2d_nhwc_int8, override=True)
+    tvm_ffi.register_global_func(CONV2D_NHWC_INT8_ADD, mod.conv2d_nhwc_int8_add, override=True)
     return mod

@@ -69,6 +69,7 @@ struct Conv {
   std::vector<float> fingerprint;  // of the user's weights
   bool src_reorder = false;
   std::unordered_map<int, dnnl::memory> scales;  // int8: DNNL_ARG_ATTR_SCALES | arg -> values
+  dnnl::memory::desc residual_md;                 // int8 with a residual add: its float32 input
 };
 
 std::mutex g_mu;
@@ -218,7 +219,7 @@ std::shared_ptr<Conv> MakeConvInt8(const TensorView& src, const TensorView& weig
                                    const TensorView& wscale, const TensorView& dst,
                                    float src_scale, float dst_scale, int64_t sh, int64_t sw,
                                    int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t dh,
-                                   int64_t dw, bool relu) {
+                                   int64_t dw, bool relu, bool residual) {
   using tag = dnnl::memory::format_tag;
   using dt = dnnl::memory::data_type;
   const auto [n, h, w, c, o, kh, kw, oh, ow, pointwise] =
@@ -226,7 +227,19 @@ std::shared_ptr<Conv> MakeConvInt8(const TensorView& src, const TensorView& weig
   const bool dst_u8 = IsDtype(dst, kDLUInt, 8);
   const dt dst_dt = dst_u8 ? dt::u8 : dt::f32;
   auto conv = std::make_shared<Conv>();
-  dnnl::primitive_attr attr = ReluAttr(relu);
+  dnnl::primitive_attr attr;
+  {
+    // a residual block's add (a float32 tensor of dst's shape) and its ReLU run inside the
+    // primitive, before the u8 requantization: no float round trip for the block's output
+    dnnl::post_ops ops;
+    if (residual) {
+      conv->residual_md = pointwise ? dnnl::memory::desc({n * h * w, o}, dt::f32, tag::ab)
+                                    : dnnl::memory::desc({n, o, oh, ow}, dt::f32, tag::nhwc);
+      ops.append_binary(dnnl::algorithm::binary_add, conv->residual_md);
+    }
+    if (relu) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    attr.set_post_ops(ops);
+  }
   // weights' scales: one per output channel, which is dim 0 of OIHW and dim 1 of matmul's KxN
   attr.set_scales_mask(DNNL_ARG_SRC, 0);
   attr.set_scales_mask(DNNL_ARG_WEIGHTS, pointwise ? 1 << 1 : 1 << 0);
@@ -270,10 +283,12 @@ std::shared_ptr<Conv> MakeConvInt8(const TensorView& src, const TensorView& weig
 
 // conv2d_nhwc_int8(src u8 NHWC, weight s8 OHWI, weight scales f32 (O), bias f32 (O),
 //                  src scale, dst scale, strides, pads, dilations, relu, dst u8|f32 NHWC)
-void Conv2dNHWCInt8(TensorView src, TensorView weight, TensorView wscale, TensorView bias,
-                    double src_scale, double dst_scale, int64_t sh, int64_t sw, int64_t pt,
-                    int64_t pl, int64_t pb, int64_t pr, int64_t dh, int64_t dw, int64_t relu,
-                    TensorView dst) {
+// conv2d_nhwc_int8_add: the same with a float32 NHWC residual of dst's shape added before the
+// ReLU (a residual block's conv -> add -> relu), residual the argument before dst
+void RunInt8(TensorView src, TensorView weight, TensorView wscale, TensorView bias,
+             const TensorView* residual, double src_scale, double dst_scale, int64_t sh,
+             int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t dh, int64_t dw,
+             int64_t relu, TensorView dst) {
   TVM_FFI_ICHECK(IsDtype(src, kDLUInt, 8) && src.ndim() == 4 && src.IsContiguous())
       << "src must be a contiguous uint8 NHWC tensor";
   TVM_FFI_ICHECK(IsDtype(weight, kDLInt, 8) && weight.ndim() == 4 && weight.IsContiguous())
@@ -282,6 +297,11 @@ void Conv2dNHWCInt8(TensorView src, TensorView weight, TensorView wscale, Tensor
   CheckF32(bias, "bias", 1);
   TVM_FFI_ICHECK((IsDtype(dst, kDLUInt, 8) || IsDtype(dst, kDLFloat, 32)) && dst.ndim() == 4 &&
                  dst.IsContiguous()) << "dst must be a contiguous uint8 or float32 NHWC tensor";
+  if (residual != nullptr) {
+    CheckF32(*residual, "residual", 4);
+    for (int i = 0; i < 4; ++i)
+      TVM_FFI_ICHECK(residual->size(i) == dst.size(i)) << "residual must have dst's shape";
+  }
   TVM_FFI_ICHECK(weight.size(3) == src.size(3)) << "weight OHWI input channels "
       << weight.size(3) << " != src channels " << src.size(3) << " (groups are not supported)";
   TVM_FFI_ICHECK(bias.size(0) == weight.size(0) && wscale.size(0) == weight.size(0) &&
@@ -291,13 +311,13 @@ void Conv2dNHWCInt8(TensorView src, TensorView weight, TensorView wscale, Tensor
   key << "int8;" << src.size(0) << ',' << src.size(1) << ',' << src.size(2) << ','
       << src.size(3) << ';' << weight.size(0) << ',' << weight.size(1) << ',' << weight.size(2)
       << ';' << dst.size(1) << ',' << dst.size(2) << ';' << sh << sw << ';' << pt << ',' << pl
-      << ',' << pb << ',' << pr << ';' << dh << dw << relu << ';' << int(dst.dtype().code)
-      << ';' << src_scale << ',' << dst_scale << ';' << weight.data_ptr() << ','
-      << wscale.data_ptr();
+      << ',' << pb << ',' << pr << ';' << dh << dw << relu << (residual != nullptr) << ';'
+      << int(dst.dtype().code) << ';' << src_scale << ',' << dst_scale << ';'
+      << weight.data_ptr() << ',' << wscale.data_ptr();
   auto conv = Cached(key.str(), FingerprintBytes(weight.data_ptr(), weight.numel()), [&] {
     return MakeConvInt8(src, weight, wscale, dst, static_cast<float>(src_scale),
                         static_cast<float>(dst_scale), sh, sw, pt, pl, pb, pr, dh, dw,
-                        relu != 0);
+                        relu != 0, residual != nullptr);
   });
   auto& eng = CpuEngine();
   dnnl::stream s(eng);
@@ -306,8 +326,27 @@ void Conv2dNHWCInt8(TensorView src, TensorView weight, TensorView wscale, Tensor
   args[DNNL_ARG_WEIGHTS] = conv->weights;
   args[DNNL_ARG_BIAS] = dnnl::memory(conv->bias_md, eng, bias.data_ptr());
   args[DNNL_ARG_DST] = dnnl::memory(conv->dst_md, eng, dst.data_ptr());
+  if (residual != nullptr)
+    args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1] =
+        dnnl::memory(conv->residual_md, eng, residual->data_ptr());
   conv->prim.execute(s, args);
   s.wait();
+}
+
+void Conv2dNHWCInt8(TensorView src, TensorView weight, TensorView wscale, TensorView bias,
+                    double src_scale, double dst_scale, int64_t sh, int64_t sw, int64_t pt,
+                    int64_t pl, int64_t pb, int64_t pr, int64_t dh, int64_t dw, int64_t relu,
+                    TensorView dst) {
+  RunInt8(src, weight, wscale, bias, nullptr, src_scale, dst_scale, sh, sw, pt, pl, pb, pr, dh,
+          dw, relu, dst);
+}
+
+void Conv2dNHWCInt8Add(TensorView src, TensorView weight, TensorView wscale, TensorView bias,
+                       double src_scale, double dst_scale, int64_t sh, int64_t sw, int64_t pt,
+                       int64_t pl, int64_t pb, int64_t pr, int64_t dh, int64_t dw, int64_t relu,
+                       TensorView residual, TensorView dst) {
+  RunInt8(src, weight, wscale, bias, &residual, src_scale, dst_scale, sh, sw, pt, pl, pb, pr,
+          dh, dw, relu, dst);
 }
 
 int64_t CacheSize() {
@@ -331,6 +370,7 @@ void ClearCache() {
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(conv2d_nhwc, Conv2dNHWC);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(conv2d_nhwc_int8, Conv2dNHWCInt8);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(conv2d_nhwc_int8_add, Conv2dNHWCInt8Add);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cache_size, CacheSize);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(clear_cache, ClearCache);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(set_num_threads, SetNumThreads);
