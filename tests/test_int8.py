@@ -64,6 +64,8 @@ def test_int8_kernels_ran(tiny, sample_batch, capfd):
     # the embedded model's residual blocks: conv -> add -> ReLU ran as one primitive each
     fused = [ln for ln in int8 if "binary_add" in ",".join(ln)]
     assert len(fused) == q["residual_adds"] > 0, (len(fused), q)
+    # identity shortcuts are added as u8 (no float copy of the block's input)
+    assert sum("binary_add:u8" in ",".join(ln) for ln in fused) == q["u8_residuals"] > 0, q
 
 
 def test_int8_record_states_its_calibration(tiny):

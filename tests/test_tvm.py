@@ -281,29 +281,33 @@ def test_int8_padded_output_channels_slice_back_to_the_same_result(store):
     np.testing.assert_array_equal(outs[1][..., :36], outs[0])
 
 
-@pytest.mark.parametrize("kh", [3, 1])
-def test_shim_int8_residual_add_exact(store, kh):
+@pytest.mark.parametrize("kh, u8_residual", [(3, False), (1, False), (3, True), (1, True)])
+def test_shim_int8_residual_add_exact(store, kh, u8_residual):
     """conv2d_nhwc_int8_add (a residual block's conv -> add -> ReLU in one oneDNN call, u8
     out) equals the float32-output int8 convolution plus the residual, ReLU and requantized
-    by numpy: the fused post-ops change nothing but where the add runs."""
+    by numpy. A u8 residual is added as is, with the weight scales, bias and dst scale divided
+    by its scale (what the engine's rewrite passes)."""
     import numpy as np
     import tvm
 
     from ssd_pipeline.engine.kernels import build_shim, load_shim
 
     mod = load_shim(str(build_shim(store)))
-    rng = np.random.default_rng(kh)
+    rng = np.random.default_rng(kh + 10 * u8_residual)
     n, h, c, o, pad = 2, 9, 32, 48, kh // 2
     x = rng.integers(0, 256, (n, h, h, c)).astype(np.uint8)
     wq = rng.integers(-63, 64, (o, kh, kh, c)).astype(np.int8)
     ws = rng.uniform(1e-3, 4e-3, o).astype(np.float32)
     b = rng.standard_normal(o).astype(np.float32)
-    res = rng.standard_normal((n, h, h, o)).astype(np.float32)
-    t = [tvm.runtime.tensor(a) for a in (x, wq, ws, b, res, np.zeros((n, h, h, o), np.uint8),
-                                        np.zeros((n, h, h, o), np.float32))]
+    s_res, s_dst = (0.03 if u8_residual else 1.0), 0.05
+    res = (rng.integers(0, 256, (n, h, h, o)).astype(np.uint8) if u8_residual
+           else rng.standard_normal((n, h, h, o)).astype(np.float32))
+    t = [tvm.runtime.tensor(a) for a in (
+        x, wq, (ws / s_res).astype(np.float32), (b / s_res).astype(np.float32), res,
+        np.zeros((n, h, h, o), np.uint8), ws, b, np.zeros((n, h, h, o), np.float32))]
     geometry = (1, 1, pad, pad, pad, pad, 1, 1)
-    mod.conv2d_nhwc_int8_add(*t[:4], 0.02, 0.05, *geometry, 1, t[4], t[5])
-    mod.conv2d_nhwc_int8(*t[:4], 0.02, 1.0, *geometry, 0, t[6])
-    ref = np.clip(np.rint(np.maximum(t[6].numpy() + res, 0) / 0.05), 0, 255)
+    mod.conv2d_nhwc_int8_add(*t[:4], 0.02, s_dst / s_res, *geometry, 1, t[4], t[5])
+    mod.conv2d_nhwc_int8(t[0], t[1], t[6], t[7], 0.02, 1.0, *geometry, 0, t[8])
+    ref = np.clip(np.rint(np.maximum(t[8].numpy() + s_res * res, 0) / s_dst), 0, 255)
     diff = np.abs(t[5].numpy().astype(np.float64) - ref)
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01

@@ -60,7 +60,9 @@ class TvmRunner(Runner):
             raise UserError(f"this TVM engine was built for batch {self.spec.batch}, got "
                             f"{batch.shape[0]}: rebuild with that batch or a dynamic one")
         outs = self._fn(tvm.runtime.tensor(batch))
-        return [o.numpy() for o in outs]
+        # views, not copies: each output is a fresh VM allocation the view keeps alive;
+        # ``.numpy()`` copied the 12 heads for 0.27 ms per call (5% of the embedded model at bs 1)
+        return [np.from_dlpack(o) for o in outs]
 
     def profile(self, batch: np.ndarray, rounds: int) -> list[OpTime]:
         """Per call of the Relax VM (its instrument hook, called around every Call

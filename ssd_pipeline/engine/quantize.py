@@ -21,6 +21,7 @@ WEIGHT_AXES_OHWI_TO_OIHW = (0, 3, 1, 2)
 # its share (SSD300's 324-channel head at 38x38, bs 8: 157 ms; padded to 336: 114 ms; 328 is
 # as slow as 324), so int8 convolutions compute a multiple of 16 channels and slice the rest off
 OC_BLOCK = 16
+RESIDUAL_ARG = 15  # conv2d_nhwc_int8_add's residual: after src, 3 constants, 2 scales, 9 ints
 
 
 def quantize_weights(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,7 +57,7 @@ def int8_convolutions(mod: Any, calibration: dict[str, Any]) -> tuple[Any, dict[
     for int8; return it with a summary of what ran in which precision."""
     import tvm
     from tvm import relax
-    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+    from tvm.relax.dpl import is_const, is_op, is_tuple, rewrite_call, wildcard
 
     from ..core.onnxfile import weight_key
     from .kernels import CONV2D_NHWC, CONV2D_NHWC_INT8, CONV2D_NHWC_INT8_ADD
@@ -163,28 +164,57 @@ def int8_convolutions(mod: Any, calibration: dict[str, Any]) -> tuple[Any, dict[
         return m[q_in]
 
     mod["main"] = rewrite_call(requant, fold, mod["main"])
+
+    # step 3: a residual that is a dequantized u8 tensor is added as u8: the call's weight
+    # scales, bias and dst scale are divided by its scale (ReLU commutes with that), so no
+    # float copy of the block's input is made
+    q_r, s_r, z_r, fused = wildcard(), is_const(), is_const(), wildcard()
+    deq_r = is_op("relax.dequantize")(q_r, s_r, z_r)
+    fused_call = is_op("relax.call_dps_packed")(
+        fused, is_tuple([wildcard() for _ in range(RESIDUAL_ARG)] + [deq_r]))
+
+    def u8_residual(expr: Any, m: Any) -> Any:
+        scale = _scalar(m[s_r])
+        if (getattr(m[fused], "global_symbol", None) != CONV2D_NHWC_INT8_ADD
+                or str(expr.ty.dtype) != "uint8" or _scalar(m[z_r]) != 0 or not scale):
+            return expr
+        args = list(expr.args[1].fields)
+        for i in (2, 3):  # weight scales, bias
+            args[i] = relax.const((args[i].value.numpy() / scale).astype(np.float32))
+        s_dst = args[5].value
+        args[5] = relax.prim_value(tvm.tirx.FloatImm(
+            "float64", float(getattr(s_dst, "value", s_dst)) / scale))
+        args[RESIDUAL_ARG] = m[q_r]
+        return relax.call_dps_packed(expr.args[0], args, out_ty=expr.ty)
+
+    mod["main"] = rewrite_call(fused_call, u8_residual, mod["main"])
     mod = relax.transform.DeadCodeElimination()(mod)
     calls = int8_call_outputs(mod)
     return mod, {"weight_bits": bits, "int8_convs": len(calls),
-                 "u8_outputs": sum(dt == "uint8" for _, dt in calls),
-                 "residual_adds": sum(f == CONV2D_NHWC_INT8_ADD for f, _ in calls),
+                 "u8_outputs": sum(dt == "uint8" for _, dt, _ in calls),
+                 "residual_adds": sum(r is not None for _, _, r in calls),
+                 "u8_residuals": sum(r == "uint8" for _, _, r in calls),
                  "float_convs": [{"name": k, "reason": v} for k, v in floats.items()]}
 
 
-def int8_call_outputs(mod: Any) -> list[tuple[str, str]]:
-    """(function, output dtype) of each int8 convolution call left in ``main`` (read from the
-    graph, not from what the rewriter was asked: it may visit a match more than once)."""
+def int8_call_outputs(mod: Any) -> list[tuple[str, str, str | None]]:
+    """(function, output dtype, residual dtype or None) of each int8 convolution call left in
+    ``main`` (read from the graph, not from what the rewriter was asked: it may visit a match
+    more than once)."""
     from tvm import relax
 
     from .kernels import CONV2D_NHWC_INT8, CONV2D_NHWC_INT8_ADD
 
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str, str, str | None]] = []
 
     def visit(e: Any) -> None:
         name = getattr(e.args[0], "global_symbol", None) if isinstance(e, relax.Call) and \
             e.args else None
         if name in (CONV2D_NHWC_INT8, CONV2D_NHWC_INT8_ADD):
-            out.append((name, str(e.ty.dtype)))
+            fields = e.args[1].fields
+            residual = (str(fields[RESIDUAL_ARG].ty.dtype)
+                        if name == CONV2D_NHWC_INT8_ADD else None)
+            out.append((name, str(e.ty.dtype), residual))
 
     relax.analysis.post_order_visit(mod["main"], visit)
     return out

@@ -69,7 +69,7 @@ struct Conv {
   std::vector<float> fingerprint;  // of the user's weights
   bool src_reorder = false;
   std::unordered_map<int, dnnl::memory> scales;  // int8: DNNL_ARG_ATTR_SCALES | arg -> values
-  dnnl::memory::desc residual_md;                 // int8 with a residual add: its float32 input
+  dnnl::memory::desc residual_md;                 // int8 with a residual add: its input
 };
 
 std::mutex g_mu;
@@ -219,7 +219,7 @@ std::shared_ptr<Conv> MakeConvInt8(const TensorView& src, const TensorView& weig
                                    const TensorView& wscale, const TensorView& dst,
                                    float src_scale, float dst_scale, int64_t sh, int64_t sw,
                                    int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t dh,
-                                   int64_t dw, bool relu, bool residual) {
+                                   int64_t dw, bool relu, const TensorView* residual) {
   using tag = dnnl::memory::format_tag;
   using dt = dnnl::memory::data_type;
   const auto [n, h, w, c, o, kh, kw, oh, ow, pointwise] =
@@ -229,12 +229,13 @@ std::shared_ptr<Conv> MakeConvInt8(const TensorView& src, const TensorView& weig
   auto conv = std::make_shared<Conv>();
   dnnl::primitive_attr attr;
   {
-    // a residual block's add (a float32 tensor of dst's shape) and its ReLU run inside the
+    // a residual block's add (a tensor of dst's shape) and its ReLU run inside the
     // primitive, before the u8 requantization: no float round trip for the block's output
     dnnl::post_ops ops;
-    if (residual) {
-      conv->residual_md = pointwise ? dnnl::memory::desc({n * h * w, o}, dt::f32, tag::ab)
-                                    : dnnl::memory::desc({n, o, oh, ow}, dt::f32, tag::nhwc);
+    if (residual != nullptr) {
+      const dt r_dt = IsDtype(*residual, kDLUInt, 8) ? dt::u8 : dt::f32;
+      conv->residual_md = pointwise ? dnnl::memory::desc({n * h * w, o}, r_dt, tag::ab)
+                                    : dnnl::memory::desc({n, o, oh, ow}, r_dt, tag::nhwc);
       ops.append_binary(dnnl::algorithm::binary_add, conv->residual_md);
     }
     if (relu) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
@@ -283,8 +284,9 @@ std::shared_ptr<Conv> MakeConvInt8(const TensorView& src, const TensorView& weig
 
 // conv2d_nhwc_int8(src u8 NHWC, weight s8 OHWI, weight scales f32 (O), bias f32 (O),
 //                  src scale, dst scale, strides, pads, dilations, relu, dst u8|f32 NHWC)
-// conv2d_nhwc_int8_add: the same with a float32 NHWC residual of dst's shape added before the
-// ReLU (a residual block's conv -> add -> relu), residual the argument before dst
+// conv2d_nhwc_int8_add: the same with a residual of dst's shape added before the ReLU (a
+// residual block's conv -> add -> relu), the argument before dst: float32, or u8 added as is
+// (the caller divides the weight scales, bias and dst scale by the residual's scale instead)
 void RunInt8(TensorView src, TensorView weight, TensorView wscale, TensorView bias,
              const TensorView* residual, double src_scale, double dst_scale, int64_t sh,
              int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t dh, int64_t dw,
@@ -298,7 +300,9 @@ void RunInt8(TensorView src, TensorView weight, TensorView wscale, TensorView bi
   TVM_FFI_ICHECK((IsDtype(dst, kDLUInt, 8) || IsDtype(dst, kDLFloat, 32)) && dst.ndim() == 4 &&
                  dst.IsContiguous()) << "dst must be a contiguous uint8 or float32 NHWC tensor";
   if (residual != nullptr) {
-    CheckF32(*residual, "residual", 4);
+    TVM_FFI_ICHECK((IsDtype(*residual, kDLUInt, 8) || IsDtype(*residual, kDLFloat, 32)) &&
+                   residual->ndim() == 4 && residual->IsContiguous())
+        << "residual must be a contiguous uint8 or float32 NHWC tensor";
     for (int i = 0; i < 4; ++i)
       TVM_FFI_ICHECK(residual->size(i) == dst.size(i)) << "residual must have dst's shape";
   }
@@ -311,13 +315,14 @@ void RunInt8(TensorView src, TensorView weight, TensorView wscale, TensorView bi
   key << "int8;" << src.size(0) << ',' << src.size(1) << ',' << src.size(2) << ','
       << src.size(3) << ';' << weight.size(0) << ',' << weight.size(1) << ',' << weight.size(2)
       << ';' << dst.size(1) << ',' << dst.size(2) << ';' << sh << sw << ';' << pt << ',' << pl
-      << ',' << pb << ',' << pr << ';' << dh << dw << relu << (residual != nullptr) << ';'
+      << ',' << pb << ',' << pr << ';' << dh << dw << relu << ';'
+      << (residual == nullptr ? -1 : int(residual->dtype().code)) << ';'
       << int(dst.dtype().code) << ';' << src_scale << ',' << dst_scale << ';'
       << weight.data_ptr() << ',' << wscale.data_ptr();
   auto conv = Cached(key.str(), FingerprintBytes(weight.data_ptr(), weight.numel()), [&] {
     return MakeConvInt8(src, weight, wscale, dst, static_cast<float>(src_scale),
                         static_cast<float>(dst_scale), sh, sw, pt, pl, pb, pr, dh, dw,
-                        relu != 0, residual != nullptr);
+                        relu != 0, residual);
   });
   auto& eng = CpuEngine();
   dnnl::stream s(eng);
