@@ -8,6 +8,10 @@ write float32). Step 2 removes what step 1 made redundant: ``quantize(dequantize
 equal scales is ``q``, and ``quantize(max_pool(dequantize(q)))`` is ``max_pool(q)`` (max
 commutes with a monotone map), so the only float tensors left are those a float op needs
 (L2Norm, the heads' outputs, the first convolution's input).
+
+Residual blocks (the embedded model): ``relu(conv + shortcut)`` is one call whose add is a
+oneDNN post-op (step 1a); a shortcut that is itself a dequantized u8 tensor is passed as u8
+with the scales folded into the call (step 3).
 """
 
 from __future__ import annotations
