@@ -90,8 +90,7 @@ def int8_convolutions(mod: Any, calibration: dict[str, Any]) -> tuple[Any, dict[
                   residual: Any = None) -> Any:
         """quantize(x) -> oneDNN int8 conv (-> + residual) (-> ReLU) -> u8 with the range
         ``dst_highest`` then dequantize, or float32 where there is no such range."""
-        a, bias = m[conv].attrs, m[b].value.numpy().reshape(-1)
-        geometry = [*map(int, a.strides), *map(int, a.padding), *map(int, a.dilation)]
+        bias = m[b].value.numpy().reshape(-1)
         s_src = entry["src_highest"] / 255.0
         u8_out = relu and bool(dst_highest)
         s_dst = dst_highest / 255.0 if u8_out else 1.0
@@ -106,7 +105,7 @@ def int8_convolutions(mod: Any, calibration: dict[str, Any]) -> tuple[Any, dict[
             [src, relax.const(wq), relax.const(wscale), relax.const(bias),
              relax.prim_value(tvm.tirx.FloatImm("float64", s_src)),
              relax.prim_value(tvm.tirx.FloatImm("float64", s_dst)),
-             *ints([*geometry, relu]), *([] if residual is None else [residual])],
+             *ints([*geometry(m), relu]), *([] if residual is None else [residual])],
             out_ty=relax.TensorType([*shape[:3], wq.shape[0]], "uint8" if u8_out else "float32"))
         if wq.shape[0] != shape[3]:
             out = relax.op.strided_slice(out, axes=[3], begin=[0], end=[shape[3]])
@@ -114,6 +113,10 @@ def int8_convolutions(mod: Any, calibration: dict[str, Any]) -> tuple[Any, dict[
             return out
         return relax.op.dequantize(out, f32(s_dst), relax.const(0, "int8"), axis=-1,
                                    out_dtype="float32")
+
+    def geometry(m: Any) -> list[int]:  # strides, pads, dilations: the shim's int arguments
+        a = m[conv].attrs
+        return [*map(int, a.strides), *map(int, a.padding), *map(int, a.dilation)]
 
     def supported(m: Any) -> bool:
         a = m[conv].attrs
@@ -126,12 +129,10 @@ def int8_convolutions(mod: Any, calibration: dict[str, Any]) -> tuple[Any, dict[
         is_relu = isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.nn.relu"
         entry, reason = calibrated(m)
         if reason is not None:
-            a = m[conv].attrs
             floats[entry["name"] if entry else f"conv {m[w].value.numpy().shape}"] = reason
             return relax.call_dps_packed(
                 CONV2D_NHWC, [m[x], m[w], relax.const(m[b].value.numpy().reshape(-1)),
-                              *ints([*map(int, a.strides), *map(int, a.padding),
-                                     *map(int, a.dilation), is_relu, 0])],
+                              *ints([*geometry(m), is_relu, 0])],
                 out_ty=expr.ty)
         return int8_call(m, entry, is_relu, entry["dst_highest"])
 

@@ -103,8 +103,10 @@ Geometry GeometryOf(const TensorView& src, const TensorView& weight, const Tenso
   return g;
 }
 
-dnnl::primitive_attr ReluAttr(bool relu) {
+// Post-ops: a residual add (a tensor of dst's shape, int8 only) then ReLU, both optional.
+dnnl::primitive_attr PostOpsAttr(bool relu, const dnnl::memory::desc* residual = nullptr) {
   dnnl::post_ops ops;
+  if (residual != nullptr) ops.append_binary(dnnl::algorithm::binary_add, *residual);
   if (relu) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
   dnnl::primitive_attr attr;
   attr.set_post_ops(ops);
@@ -121,7 +123,7 @@ std::shared_ptr<Conv> MakeConv(const TensorView& src, const TensorView& weight,
       GeometryOf(src, weight, dst, sh, sw, pt, pl, pb, pr);
   auto conv = std::make_shared<Conv>();
   const dt compute = bf16 ? dt::bf16 : dt::f32;
-  dnnl::primitive_attr attr = ReluAttr(relu);
+  dnnl::primitive_attr attr = PostOpsAttr(relu);
   dnnl::stream s(CpuEngine());
   if (pointwise) {
     // NHWC 1x1 convolution == (N*H*W x C) . (C x O): oneDNN's matmul, because its AVX2
@@ -227,20 +229,15 @@ std::shared_ptr<Conv> MakeConvInt8(const TensorView& src, const TensorView& weig
   const bool dst_u8 = IsDtype(dst, kDLUInt, 8);
   const dt dst_dt = dst_u8 ? dt::u8 : dt::f32;
   auto conv = std::make_shared<Conv>();
-  dnnl::primitive_attr attr;
-  {
-    // a residual block's add (a tensor of dst's shape) and its ReLU run inside the
-    // primitive, before the u8 requantization: no float round trip for the block's output
-    dnnl::post_ops ops;
-    if (residual != nullptr) {
-      const dt r_dt = IsDtype(*residual, kDLUInt, 8) ? dt::u8 : dt::f32;
-      conv->residual_md = pointwise ? dnnl::memory::desc({n * h * w, o}, r_dt, tag::ab)
-                                    : dnnl::memory::desc({n, o, oh, ow}, r_dt, tag::nhwc);
-      ops.append_binary(dnnl::algorithm::binary_add, conv->residual_md);
-    }
-    if (relu) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
-    attr.set_post_ops(ops);
+  // a residual block's add and its ReLU run inside the primitive, before the u8
+  // requantization: no float round trip for the block's output
+  if (residual != nullptr) {
+    const dt r_dt = IsDtype(*residual, kDLUInt, 8) ? dt::u8 : dt::f32;
+    conv->residual_md = pointwise ? dnnl::memory::desc({n * h * w, o}, r_dt, tag::ab)
+                                  : dnnl::memory::desc({n, o, oh, ow}, r_dt, tag::nhwc);
   }
+  dnnl::primitive_attr attr =
+      PostOpsAttr(relu, residual != nullptr ? &conv->residual_md : nullptr);
   // weights' scales: one per output channel, which is dim 0 of OIHW and dim 1 of matmul's KxN
   attr.set_scales_mask(DNNL_ARG_SRC, 0);
   attr.set_scales_mask(DNNL_ARG_WEIGHTS, pointwise ? 1 << 1 : 1 << 0);
