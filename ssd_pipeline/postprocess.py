@@ -1,10 +1,19 @@
 """Head outputs -> per-image detections, through mmdet's own ``SSDHead.predict_by_feat``
 (softmax, per-level top-k and score threshold, delta decoding, mmcv ``batched_nms``), as the
 original does; boxes come back in original-image pixels (``rescale=True``).
+
+One piece is ours: :func:`grouped_nms`, the ``nms`` that ``batched_nms`` calls. It runs mmcv's
+own NMS kernel on groups of boxes that cannot overlap, in mmcv's own order, so it returns
+exactly what mmcv's ``nms`` returns (``tests/test_postprocess.py`` checks it bit for bit)
+while doing far less work: ``batched_nms`` shifts each class to its own x range and then
+compares every box with every other, across classes.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +21,10 @@ import numpy as np
 
 from .core.errors import UserError
 from .data import COCO80_CATEGORY_IDS, ImageMeta
+
+# Boxes per NMS kernel call when small groups are joined (see _chunks); measured in
+# ENGINE_NOTES.md ("End-to-end: NMS").
+NMS_CHUNK = 256
 
 
 @dataclass
@@ -29,19 +42,98 @@ class Detections:
         return len(self.scores)
 
 
-class Postprocessor:
-    """Decodes raw head outputs with the head that the config describes (weights unused)."""
+def grouped_nms(boxes: Any, scores: Any, iou_threshold: float, offset: int = 0,
+                score_threshold: float = 0, max_num: int = -1) -> tuple[Any, Any]:
+    """``mmcv.ops.nms``, same arguments, same result, same order; an NMS ``type`` for mmcv's
+    ``batched_nms``.
 
-    def __init__(self, cfg: Any, cat_ids: list[int] | None = None, head: Any = None) -> None:
+    Greedy NMS keeps a box unless a kept box earlier in score order overlaps it by more than
+    ``iou_threshold``. Boxes whose x ranges do not overlap have IoU 0 and never suppress each
+    other, so the boxes split into groups along x (each class of ``batched_nms``'s shifted
+    boxes is at least one), and greedy NMS on each group, in the global score order, keeps
+    exactly the boxes that greedy NMS on all of them keeps. The global order is the one
+    mmcv's kernel computes (the same ``sort`` call); each group runs through mmcv's kernel
+    with that order as its scores, so every IoU is mmcv's own arithmetic.
+    Inputs this argument does not cover (numpy, offset 1, score filtering, ``max_num``, a
+    negative threshold, non-finite boxes) go to ``mmcv.ops.nms`` unchanged."""
+    import torch
+    from mmcv.ops import nms
+
+    if (not isinstance(boxes, torch.Tensor) or not isinstance(scores, torch.Tensor)
+            or boxes.device.type != "cpu" or boxes.dtype != torch.float32
+            or offset != 0 or score_threshold > 0 or max_num > 0 or iou_threshold < 0
+            or not 2 <= boxes.shape[0] < 2**24 or not bool(torch.isfinite(boxes).all())):
+        return nms(boxes, scores, iou_threshold, offset, score_threshold, max_num)
+    n = boxes.shape[0]
+    order = scores.sort(0, descending=True)[1].numpy()  # the call mmcv's kernel makes
+    x = boxes.numpy()
+    by_x1 = np.argsort(x[:, 0], kind="stable")
+    reach = np.maximum.accumulate(x[by_x1, 2])
+    # A new group starts where a box begins at or right of every earlier box's end.
+    starts = np.zeros(n, np.int64)
+    starts[1:] = x[by_x1[1:], 0] >= reach[:-1]
+    group = np.empty(n, np.int64)
+    group[by_x1] = np.cumsum(starts)
+    if group[by_x1[-1]] == 0:  # one group: nothing to split
+        return nms(boxes, scores, iou_threshold, offset, score_threshold, max_num)
+    seq = order[np.argsort(group[order], kind="stable")]  # by group, score order within
+    bounds = np.concatenate(([0], np.cumsum(np.bincount(group)))).tolist()
+    boxes_seq = boxes[torch.from_numpy(seq)]
+    # strictly decreasing, so the kernel's own sort keeps each group in seq order
+    rank = torch.arange(n, 0, -1, dtype=torch.float32)
+    kernel = _nms_kernel()
+    kept = np.ones(n, bool)  # over seq; a group of one is kept
+    for s, e in _chunks(bounds, NMS_CHUNK):
+        if e - s > 1:
+            kept[s:e] = False
+            kept[s + kernel(boxes_seq[s:e], rank[s:e], iou_threshold=float(iou_threshold),
+                            offset=0).numpy()] = True
+    keep_mask = np.empty(n, bool)
+    keep_mask[seq] = kept
+    inds = torch.from_numpy(order[keep_mask[order]])
+    return torch.cat((boxes[inds], scores[inds].reshape(-1, 1)), dim=1), inds
+
+
+def _chunks(bounds: list[int], size: int) -> list[tuple[int, int]]:
+    """Consecutive groups (``bounds``: their edges) joined into runs of at most ``size`` boxes
+    (a larger group runs alone): each kernel call costs ~60 us before its first IoU."""
+    runs, start = [], 0
+    for prev, edge in itertools.pairwise(bounds):
+        if edge - start > size and prev > start:
+            runs.append((start, prev))
+            start = prev
+    runs.append((start, bounds[-1]))
+    return runs
+
+
+@functools.cache
+def _nms_kernel() -> Any:
+    """mmcv's compiled NMS (what ``mmcv.ops.nms`` calls), without its Python wrapper."""
+    from mmcv.utils import ext_loader
+
+    return ext_loader.load_ext("_ext", ["nms"]).nms
+
+
+class Postprocessor:
+    """Decodes raw head outputs with the head that the config describes (weights unused).
+    ``grouped``: NMS through :func:`grouped_nms` (the default; equal to mmcv's); False runs
+    mmcv's ``nms`` itself, as the equality test does."""
+
+    def __init__(self, cfg: Any, cat_ids: list[int] | None = None, head: Any = None,
+                 grouped: bool = True) -> None:
         if head is None:
             from mmdet.registry import MODELS
             from mmdet.utils import register_all_modules
 
             register_all_modules()
             head_cfg = cfg.model.bbox_head.copy()
-            head_cfg.update(test_cfg=cfg.model.test_cfg)
+            # a copy: the NMS type set below must not leak into the caller's config
+            head_cfg.update(test_cfg=copy.deepcopy(cfg.model.test_cfg))
             head = MODELS.build(head_cfg)
             head.loss_cls = None  # mmdet 3.3.0 bug, as in model.build_model
+        nms_cfg = head.test_cfg.get("nms")
+        if grouped and nms_cfg is not None and nms_cfg.get("type", "nms") == "nms":
+            nms_cfg["type"] = grouped_nms
         self.head = head.eval()
         self.num_levels = len(self.head.prior_generator.strides)
         num_classes = self.head.num_classes
