@@ -63,6 +63,8 @@ def test_every_convolution_is_offloaded(model_name, bundles):
     ops = b.runner("tvm").engine.record["relax_ops"]
     assert "relax.nn.conv2d" not in ops, ops
     assert ops.get("relax.call_dps_packed") == convs, (ops, convs)
+    # every ReLU follows a convolution or a residual block's add, and runs inside its call
+    assert "relax.nn.relu" not in ops, ops
 
 
 def test_engine_is_built_once_and_reused(artifacts, store, model_spec, expectations):
@@ -174,16 +176,19 @@ def test_cuda_fp16_engine_compiles(artifacts, tmp_path, record_property):
         load_engine(tmp_path, spec)
 
 
-@pytest.mark.parametrize("kh, stride, pad, dilation, relu", [
-    (1, 1, 0, 1, 1),  # pointwise: runs as a oneDNN matmul
-    (1, 1, 0, 1, 0),
-    (1, 2, 0, 1, 1),  # strided 1x1: stays a convolution
-    (3, 1, 1, 1, 1),
-    (3, 2, 1, 1, 0),
-    (3, 1, 6, 6, 1),  # SSD's dilated fc6
+@pytest.mark.parametrize("kh, stride, pad, dilation, relu, residual", [
+    (1, 1, 0, 1, 1, False),  # pointwise: runs as a oneDNN matmul
+    (1, 1, 0, 1, 0, False),
+    (1, 2, 0, 1, 1, False),  # strided 1x1: stays a convolution
+    (3, 1, 1, 1, 1, False),
+    (3, 2, 1, 1, 0, False),
+    (3, 1, 6, 6, 1, False),  # SSD's dilated fc6
+    (1, 1, 0, 1, 1, True),  # conv2d_nhwc_add: a residual block's conv -> add -> ReLU
+    (3, 1, 1, 1, 1, True),
+    (3, 2, 1, 1, 0, True),
 ])
-def test_shim_convolution_equals_torch(store, kh, stride, pad, dilation, relu):
-    """The oneDNN shim, called directly, against torch's conv2d (+bias, +ReLU)."""
+def test_shim_convolution_equals_torch(store, kh, stride, pad, dilation, relu, residual):
+    """The oneDNN shim, called directly, against torch's conv2d (+bias) (+residual) (+ReLU)."""
     import numpy as np
     import torch
     import tvm
@@ -198,13 +203,20 @@ def test_shim_convolution_equals_torch(store, kh, stride, pad, dilation, relu):
     b = rng.standard_normal(o, dtype=np.float32)
     ref = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(wt),
                                      torch.from_numpy(b), stride, pad, dilation)
+    r = rng.standard_normal(tuple(ref.shape), dtype=np.float32)
+    if residual:
+        ref = ref + torch.from_numpy(r)
     ref = (torch.relu(ref) if relu else ref).permute(0, 2, 3, 1).contiguous().numpy()
     out = np.zeros_like(ref)
     t = [tvm.runtime.tensor(a) for a in (
         np.ascontiguousarray(x.transpose(0, 2, 3, 1)),
-        np.ascontiguousarray(wt.transpose(0, 2, 3, 1)), b, out)]
-    mod.conv2d_nhwc(t[0], t[1], t[2], stride, stride, pad, pad, pad, pad, dilation, dilation,
-                    relu, 0, t[3])
+        np.ascontiguousarray(wt.transpose(0, 2, 3, 1)), b, out,
+        np.ascontiguousarray(r.transpose(0, 2, 3, 1)))]
+    geometry = (stride, stride, pad, pad, pad, pad, dilation, dilation, relu, 0)
+    if residual:
+        mod.conv2d_nhwc_add(t[0], t[1], t[2], *geometry, t[4], t[3])
+    else:
+        mod.conv2d_nhwc(t[0], t[1], t[2], *geometry, t[3])
     np.testing.assert_allclose(t[3].numpy(), ref, rtol=1e-4, atol=1e-4)
 
 

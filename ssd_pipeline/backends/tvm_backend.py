@@ -71,7 +71,14 @@ class TvmRunner(Runner):
         import statistics
         import time
 
-        from ..engine.kernels import CONV2D_NHWC, CONV2D_NHWC_INT8
+        from ..engine.kernels import (
+            CONV2D_NHWC,
+            CONV2D_NHWC_ADD,
+            CONV2D_NHWC_INT8,
+            CONV2D_NHWC_INT8_ADD,
+        )
+
+        int8 = (CONV2D_NHWC_INT8, CONV2D_NHWC_INT8_ADD)
 
         self.run(batch)  # warm: oneDNN creates its primitives on the first call
         runs: list[list[tuple[str, float, list[tuple[int, ...]], list[int]]]] = []
@@ -107,10 +114,12 @@ class TvmRunner(Runner):
         out = []
         for i, (symbol, _, shapes, ints) in enumerate(calls[0]):
             ms = statistics.median(run[i][1] for run in calls) * 1e3
-            conv = symbol in (CONV2D_NHWC, CONV2D_NHWC_INT8)
+            conv = symbol in (CONV2D_NHWC, CONV2D_NHWC_ADD, *int8)
             name = conv_label(shapes[1], ints) if conv else symbol
-            if symbol == CONV2D_NHWC_INT8:
+            if symbol in int8:
                 name = name.replace("oneDNN conv", "oneDNN int8 conv")
+            if symbol in (CONV2D_NHWC_ADD, CONV2D_NHWC_INT8_ADD):
+                name = name.replace(" +relu", "") + " +add+relu"
             out.append(OpTime(i, name, "conv" if conv else symbol.rstrip("0123456789_"),
                               ms, tuple(shapes[:-1]), shapes[-1] if shapes else None,
                               shapes[1] if conv else None))

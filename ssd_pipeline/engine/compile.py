@@ -30,7 +30,7 @@ from ..core.host import cpu_flags, default_threads, host_cpu
 from ..core.onnxfile import load_onnx
 
 # Bump when the pass pipeline changes: it is part of every engine's cache key.
-PIPELINE_VERSION = 4
+PIPELINE_VERSION = 5
 ENGINE_FILE = "engine.so"
 META_FILE = "engine.json"
 INPUT_CHW = (3, 300, 300)
@@ -138,33 +138,49 @@ def to_nhwc(mod: Any) -> Any:
 
 
 def offload_convolutions(mod: Any, bf16: bool) -> Any:
-    """NHWC graph; each conv2d(+bias)(+ReLU) becomes one oneDNN call."""
+    """NHWC graph; each conv2d(+bias)(+ReLU) becomes one oneDNN call, and a residual block's
+    conv(+bias) -> add -> ReLU too (the add a oneDNN post-op, so the block's output is
+    written once)."""
     import tvm
+    import tvm_ffi
     from tvm import relax
     from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
-    from .kernels import CONV2D_NHWC
+    from .kernels import CONV2D_NHWC, CONV2D_NHWC_ADD
 
     mod = to_nhwc(mod)
-    x, w, b = wildcard(), is_const(), is_const()
+    x, w, b, residual = wildcard(), is_const(), is_const(), wildcard()
     conv = is_op("relax.nn.conv2d")(x, w)
     add = is_op("relax.add")(conv, b)
     relu = is_op("relax.nn.relu")(add)
+    block = is_op("relax.nn.relu")(is_op("relax.add")(add, residual)
+                                   | is_op("relax.add")(residual, add))
 
-    def rewrite(expr: Any, m: Any) -> Any:
+    def call(expr: Any, m: Any, is_relu: bool, extra: list[Any]) -> Any:
         a = m[conv].attrs
         if a.data_layout != "NHWC" or a.kernel_layout != "OHWI" or int(a.groups) != 1:
             return expr  # not a form the kernel takes: TVM keeps it
         bias = m[b].value.numpy()
         if bias.size != int(m[conv].ty.shape[3]):
             return expr
-        is_relu = isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.nn.relu"
         ints = [*map(int, a.strides), *map(int, a.padding), *map(int, a.dilation),
                 int(is_relu), int(bf16)]
         args = [m[x], m[w], relax.const(bias.reshape(-1))]
         args += [relax.prim_value(tvm.tirx.IntImm("int64", v)) for v in ints]
-        return relax.call_dps_packed(CONV2D_NHWC, args, out_ty=expr.ty)
+        return relax.call_dps_packed(CONV2D_NHWC_ADD if extra else CONV2D_NHWC, args + extra,
+                                     out_ty=expr.ty)
 
+    def fuse_residual(expr: Any, m: Any) -> Any:
+        same = tvm_ffi.structural_equal(m[residual].ty, m[add].ty)  # no broadcasting
+        if not same or str(m[residual].ty.dtype) != "float32":
+            return expr
+        return call(expr, m, True, [m[residual]])
+
+    def rewrite(expr: Any, m: Any) -> Any:
+        is_relu = isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.nn.relu"
+        return call(expr, m, is_relu, [])
+
+    mod["main"] = rewrite_call(block, fuse_residual, mod["main"])
     mod["main"] = rewrite_call(relu | add, rewrite, mod["main"])
     return mod
 

@@ -20,6 +20,7 @@ SOURCE = Path(__file__).with_name("dnnl_conv.cc")
 PEAK_SOURCE = Path(__file__).with_name("peak.cc")
 LIB_NAME = "ssd_dnnl.so"
 CONV2D_NHWC = "ssd_pipeline.dnnl.conv2d_nhwc"
+CONV2D_NHWC_ADD = "ssd_pipeline.dnnl.conv2d_nhwc_add"
 CONV2D_NHWC_INT8 = "ssd_pipeline.dnnl.conv2d_nhwc_int8"
 CONV2D_NHWC_INT8_ADD = "ssd_pipeline.dnnl.conv2d_nhwc_int8_add"
 
@@ -81,6 +82,7 @@ def load_shim(path: str) -> Any:
 
     mod = tvm_ffi.load_module(path)
     tvm_ffi.register_global_func(CONV2D_NHWC, mod.conv2d_nhwc, override=True)
+    tvm_ffi.register_global_func(CONV2D_NHWC_ADD, mod.conv2d_nhwc_add, override=True)
     tvm_ffi.register_global_func(CONV2D_NHWC_INT8, mod.conv2d_nhwc_int8, override=True)
     tvm_ffi.register_global_func(CONV2D_NHWC_INT8_ADD, mod.conv2d_nhwc_int8_add, override=True)
     return mod

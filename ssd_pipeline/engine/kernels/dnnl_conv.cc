@@ -6,6 +6,8 @@
 // Layout contract (ssd_pipeline/compile.py rewrites the graph to it): activations NHWC
 // float32, weights OHWI float32 (constants), bias (O) float32. With bf16=1 the convolution
 // computes in bfloat16 (avx512_bf16 / AMX where present) and still reads/writes float32.
+// conv2d_nhwc_add also adds a float32 residual of dst's shape before the ReLU (a residual
+// block's conv -> add -> relu as one primitive: a binary post-op).
 //
 // int8 (conv2d_nhwc_int8): u8 NHWC activations (zero point 0: they follow a ReLU), s8 OHWI
 // weights with one scale per output channel, f32 bias; s32 accumulation, the scales, bias and
@@ -69,7 +71,7 @@ struct Conv {
   std::vector<float> fingerprint;  // of the user's weights
   bool src_reorder = false;
   std::unordered_map<int, dnnl::memory> scales;  // int8: DNNL_ARG_ATTR_SCALES | arg -> values
-  dnnl::memory::desc residual_md;                 // int8 with a residual add: its input
+  dnnl::memory::desc residual_md;                 // with a residual add: its input
 };
 
 std::mutex g_mu;
@@ -103,7 +105,7 @@ Geometry GeometryOf(const TensorView& src, const TensorView& weight, const Tenso
   return g;
 }
 
-// Post-ops: a residual add (a tensor of dst's shape, int8 only) then ReLU, both optional.
+// Post-ops: a residual add (a tensor of dst's shape) then ReLU, both optional.
 dnnl::primitive_attr PostOpsAttr(bool relu, const dnnl::memory::desc* residual = nullptr) {
   dnnl::post_ops ops;
   if (residual != nullptr) ops.append_binary(dnnl::algorithm::binary_add, *residual);
@@ -116,14 +118,17 @@ dnnl::primitive_attr PostOpsAttr(bool relu, const dnnl::memory::desc* residual =
 std::shared_ptr<Conv> MakeConv(const TensorView& src, const TensorView& weight,
                                const TensorView& dst, int64_t sh, int64_t sw, int64_t pt,
                                int64_t pl, int64_t pb, int64_t pr, int64_t dh, int64_t dw,
-                               bool relu, bool bf16) {
+                               bool relu, bool bf16, bool residual) {
   using tag = dnnl::memory::format_tag;
   using dt = dnnl::memory::data_type;
   const auto [n, h, w, c, o, kh, kw, oh, ow, pointwise] =
       GeometryOf(src, weight, dst, sh, sw, pt, pl, pb, pr);
   auto conv = std::make_shared<Conv>();
   const dt compute = bf16 ? dt::bf16 : dt::f32;
-  dnnl::primitive_attr attr = PostOpsAttr(relu);
+  if (residual)
+    conv->residual_md = pointwise ? dnnl::memory::desc({n * h * w, o}, dt::f32, tag::ab)
+                                  : dnnl::memory::desc({n, o, oh, ow}, dt::f32, tag::nhwc);
+  dnnl::primitive_attr attr = PostOpsAttr(relu, residual ? &conv->residual_md : nullptr);
   dnnl::stream s(CpuEngine());
   if (pointwise) {
     // NHWC 1x1 convolution == (N*H*W x C) . (C x O): oneDNN's matmul, because its AVX2
@@ -170,13 +175,20 @@ std::shared_ptr<Conv> MakeConv(const TensorView& src, const TensorView& weight,
 
 // conv2d_nhwc(src NHWC, weight OHWI, bias (O), strides, pads (top, left, bottom, right),
 //             dilations, relu, bf16, dst NHWC)
-void Conv2dNHWC(TensorView src, TensorView weight, TensorView bias, int64_t sh, int64_t sw,
-                int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t dh, int64_t dw,
-                int64_t relu, int64_t bf16, TensorView dst) {
+// conv2d_nhwc_add: the same with a float32 residual of dst's shape added before the ReLU (a
+// residual block's conv -> add -> relu in one pass over dst), the argument before dst
+void RunF32(TensorView src, TensorView weight, TensorView bias, const TensorView* residual,
+            int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t dh,
+            int64_t dw, int64_t relu, int64_t bf16, TensorView dst) {
   CheckF32(src, "src", 4);
   CheckF32(weight, "weight", 4);
   CheckF32(bias, "bias", 1);
   CheckF32(dst, "dst", 4);
+  if (residual != nullptr) {
+    CheckF32(*residual, "residual", 4);
+    for (int i = 0; i < 4; ++i)
+      TVM_FFI_ICHECK(residual->size(i) == dst.size(i)) << "residual must have dst's shape";
+  }
   TVM_FFI_ICHECK(weight.size(3) == src.size(3)) << "weight OHWI input channels "
       << weight.size(3) << " != src channels " << src.size(3) << " (groups are not supported)";
   TVM_FFI_ICHECK(bias.size(0) == weight.size(0) && dst.size(3) == weight.size(0));
@@ -184,11 +196,13 @@ void Conv2dNHWC(TensorView src, TensorView weight, TensorView bias, int64_t sh, 
   key << src.size(0) << ',' << src.size(1) << ',' << src.size(2) << ',' << src.size(3) << ';'
       << weight.size(0) << ',' << weight.size(1) << ',' << weight.size(2) << ';' << dst.size(1)
       << ',' << dst.size(2) << ';' << sh << sw << ';' << pt << ',' << pl << ',' << pb << ','
-      << pr << ';' << dh << dw << relu << bf16 << ';' << weight.data_ptr();
+      << pr << ';' << dh << dw << relu << bf16 << (residual != nullptr) << ';'
+      << weight.data_ptr();
   auto conv = Cached(
       key.str(), Fingerprint(static_cast<const float*>(weight.data_ptr()), weight.numel()),
       [&] {
-        return MakeConv(src, weight, dst, sh, sw, pt, pl, pb, pr, dh, dw, relu != 0, bf16 != 0);
+        return MakeConv(src, weight, dst, sh, sw, pt, pl, pb, pr, dh, dw, relu != 0, bf16 != 0,
+                        residual != nullptr);
       });
   auto& eng = CpuEngine();
   dnnl::stream s(eng);
@@ -198,13 +212,28 @@ void Conv2dNHWC(TensorView src, TensorView weight, TensorView bias, int64_t sh, 
     src_c = dnnl::memory(conv->src_prim, eng);
     dnnl::reorder(src_m, src_c).execute(s, src_m, src_c);
   }
-  dnnl::memory bias_m(conv->bias_md, eng, bias.data_ptr());
-  dnnl::memory dst_m(conv->dst_md, eng, dst.data_ptr());
-  conv->prim.execute(s, {{DNNL_ARG_SRC, src_c},
-                         {DNNL_ARG_WEIGHTS, conv->weights},
-                         {DNNL_ARG_BIAS, bias_m},
-                         {DNNL_ARG_DST, dst_m}});
+  std::unordered_map<int, dnnl::memory> args{
+      {DNNL_ARG_SRC, src_c},
+      {DNNL_ARG_WEIGHTS, conv->weights},
+      {DNNL_ARG_BIAS, dnnl::memory(conv->bias_md, eng, bias.data_ptr())},
+      {DNNL_ARG_DST, dnnl::memory(conv->dst_md, eng, dst.data_ptr())}};
+  if (residual != nullptr)
+    args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1] =
+        dnnl::memory(conv->residual_md, eng, residual->data_ptr());
+  conv->prim.execute(s, args);
   s.wait();
+}
+
+void Conv2dNHWC(TensorView src, TensorView weight, TensorView bias, int64_t sh, int64_t sw,
+                int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t dh, int64_t dw,
+                int64_t relu, int64_t bf16, TensorView dst) {
+  RunF32(src, weight, bias, nullptr, sh, sw, pt, pl, pb, pr, dh, dw, relu, bf16, dst);
+}
+
+void Conv2dNHWCAdd(TensorView src, TensorView weight, TensorView bias, int64_t sh, int64_t sw,
+                   int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t dh, int64_t dw,
+                   int64_t relu, int64_t bf16, TensorView residual, TensorView dst) {
+  RunF32(src, weight, bias, &residual, sh, sw, pt, pl, pb, pr, dh, dw, relu, bf16, dst);
 }
 
 bool IsDtype(const TensorView& t, DLDataTypeCode code, int bits) {
@@ -371,6 +400,7 @@ void ClearCache() {
 }  // namespace
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(conv2d_nhwc, Conv2dNHWC);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(conv2d_nhwc_add, Conv2dNHWCAdd);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(conv2d_nhwc_int8, Conv2dNHWCInt8);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(conv2d_nhwc_int8_add, Conv2dNHWCInt8Add);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cache_size, CacheSize);
