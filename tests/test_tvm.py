@@ -55,14 +55,26 @@ def test_tvm_vs_onnx_detections(model_name, precision, bundles, sample_batch,
 
 
 def test_every_convolution_is_offloaded(model_name, bundles):
+    """Every Conv of the ONNX model and every max pool is a oneDNN call; so are the larger
+    layout permutes in front of the outputs."""
     import onnx
+
+    from ssd_pipeline.engine.kernels import (
+        CONV2D_NHWC,
+        CONV2D_NHWC_ADD,
+        MAX_POOL2D_NHWC,
+        NHWC_TO_NCHW,
+    )
 
     b = bundles(model_name)
     graph = onnx.load(str(b.artifacts.simplified_onnx_path), load_external_data=False).graph
     convs = sum(n.op_type == "Conv" for n in graph.node)
+    pools = sum(n.op_type == "MaxPool" for n in graph.node)
     ops = b.runner("tvm").engine.record["relax_ops"]
-    assert "relax.nn.conv2d" not in ops, ops
-    assert ops.get("relax.call_dps_packed") == convs, (ops, convs)
+    assert "relax.nn.conv2d" not in ops and "relax.nn.max_pool2d" not in ops, ops
+    assert ops.get(CONV2D_NHWC, 0) + ops.get(CONV2D_NHWC_ADD, 0) == convs, (ops, convs)
+    assert ops.get(MAX_POOL2D_NHWC) == pools > 0, (ops, pools)
+    assert ops.get(NHWC_TO_NCHW, 0) >= 2, ops  # at least the two 38x38 head outputs
     # every ReLU follows a convolution or a residual block's add, and runs inside its call
     assert "relax.nn.relu" not in ops, ops
 
@@ -218,6 +230,37 @@ def test_shim_convolution_equals_torch(store, kh, stride, pad, dilation, relu, r
     else:
         mod.conv2d_nhwc(t[0], t[1], t[2], *geometry, t[3])
     np.testing.assert_allclose(t[3].numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+@pytest.mark.parametrize("k, stride, pad, ceil_mode", [
+    (3, 2, 1, False),  # the embedded model's stem pool
+    (2, 2, 0, True),  # SSD300's VGG pools on odd sizes (75 -> 38)
+    (3, 1, 1, False),  # SSD300's pool5
+])
+def test_shim_max_pool_and_permute_equal_torch(store, dtype, k, stride, pad, ceil_mode):
+    """max_pool2d_nhwc against torch's max_pool2d (exact: a max picks one of its inputs),
+    ceil_mode read from dst's size; nhwc_to_nchw against numpy's transpose."""
+    import numpy as np
+    import torch
+    import tvm
+
+    from ssd_pipeline.engine.kernels import build_shim, load_shim
+
+    mod = load_shim(str(build_shim(store)))
+    rng = np.random.default_rng(k * 10 + stride)
+    x = rng.integers(0, 256, (2, 75, 37, 16)).astype(dtype)
+    if dtype == "float32":
+        x = x - np.float32(128)  # negative values: padding must never win the max
+    ref = torch.nn.functional.max_pool2d(
+        torch.from_numpy(x.astype(np.float32)).permute(0, 3, 1, 2), k, stride, pad,
+        ceil_mode=ceil_mode).permute(0, 2, 3, 1).numpy().astype(dtype)
+    out = tvm.runtime.tensor(np.zeros_like(ref))
+    mod.max_pool2d_nhwc(tvm.runtime.tensor(x), k, k, stride, stride, pad, pad, pad, pad, out)
+    np.testing.assert_array_equal(out.numpy(), ref)
+    nchw = tvm.runtime.tensor(np.zeros(x.transpose(0, 3, 1, 2).shape, dtype))
+    mod.nhwc_to_nchw(tvm.runtime.tensor(x), nchw)
+    np.testing.assert_array_equal(nchw.numpy(), x.transpose(0, 3, 1, 2))
 
 
 @pytest.mark.parametrize("kh, stride, pad, dilation, relu, dst_u8", [

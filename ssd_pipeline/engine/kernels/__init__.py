@@ -23,6 +23,8 @@ CONV2D_NHWC = "ssd_pipeline.dnnl.conv2d_nhwc"
 CONV2D_NHWC_ADD = "ssd_pipeline.dnnl.conv2d_nhwc_add"
 CONV2D_NHWC_INT8 = "ssd_pipeline.dnnl.conv2d_nhwc_int8"
 CONV2D_NHWC_INT8_ADD = "ssd_pipeline.dnnl.conv2d_nhwc_int8_add"
+MAX_POOL2D_NHWC = "ssd_pipeline.dnnl.max_pool2d_nhwc"
+NHWC_TO_NCHW = "ssd_pipeline.dnnl.nhwc_to_nchw"
 
 
 def _onednn_prefix() -> Path:
@@ -85,4 +87,6 @@ def load_shim(path: str) -> Any:
     tvm_ffi.register_global_func(CONV2D_NHWC_ADD, mod.conv2d_nhwc_add, override=True)
     tvm_ffi.register_global_func(CONV2D_NHWC_INT8, mod.conv2d_nhwc_int8, override=True)
     tvm_ffi.register_global_func(CONV2D_NHWC_INT8_ADD, mod.conv2d_nhwc_int8_add, override=True)
+    tvm_ffi.register_global_func(MAX_POOL2D_NHWC, mod.max_pool2d_nhwc, override=True)
+    tvm_ffi.register_global_func(NHWC_TO_NCHW, mod.nhwc_to_nchw, override=True)
     return mod

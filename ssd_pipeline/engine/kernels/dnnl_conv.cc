@@ -24,6 +24,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -65,7 +66,9 @@ std::vector<float> FingerprintBytes(const void* p, int64_t nbytes) {
 }
 
 struct Conv {
-  dnnl::primitive prim;  // convolution_forward, or matmul for a pointwise (1x1) convolution
+  // convolution_forward, or matmul for a pointwise (1x1) convolution; the glue calls (max
+  // pool, layout permute) keep their primitive here too, with src_user and dst_md only
+  dnnl::primitive prim;
   dnnl::memory::desc src_user, src_prim, dst_md, bias_md;
   dnnl::memory weights;            // in the primitive's preferred format and type
   std::vector<float> fingerprint;  // of the user's weights
@@ -380,6 +383,75 @@ void Conv2dNHWCInt8Add(TensorView src, TensorView weight, TensorView wscale, Ten
           dh, dw, relu, dst);
 }
 
+dnnl::memory::data_type ActivationType(const TensorView& t, const char* name) {
+  TVM_FFI_ICHECK((IsDtype(t, kDLUInt, 8) || IsDtype(t, kDLFloat, 32)) && t.ndim() == 4 &&
+                 t.IsContiguous() && t.device().device_type == kDLCPU)
+      << name << " must be a contiguous uint8 or float32 4-d tensor on the CPU";
+  return IsDtype(t, kDLUInt, 8) ? dnnl::memory::data_type::u8 : dnnl::memory::data_type::f32;
+}
+
+// max_pool2d_nhwc(src NHWC f32|u8, kernel h, w, strides, pads (top, left, bottom, right),
+//                 dst NHWC of src's type): padding never wins the max, as in Relax's op, so
+// ceil_mode is more bottom/right padding: read from dst's size. TVM compiles its own pool to
+// one thread; this one runs on oneDNN's threads.
+void MaxPool2dNHWC(TensorView src, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pt,
+                   int64_t pl, int64_t pb, int64_t pr, TensorView dst) {
+  using tag = dnnl::memory::format_tag;
+  const auto type = ActivationType(src, "src");
+  TVM_FFI_ICHECK(ActivationType(dst, "dst") == type && dst.size(0) == src.size(0) &&
+                 dst.size(3) == src.size(3)) << "dst must have src's type, batch and channels";
+  // ceil_mode: the last window may run past the padding given; it reads more padding instead
+  pb = std::max(pb, (dst.size(1) - 1) * sh + kh - src.size(1) - pt);
+  pr = std::max(pr, (dst.size(2) - 1) * sw + kw - src.size(2) - pl);
+  std::ostringstream key;
+  key << "maxpool;" << int(type) << ';' << src.size(0) << ',' << src.size(1) << ','
+      << src.size(2) << ',' << src.size(3) << ';' << dst.size(1) << ',' << dst.size(2) << ';'
+      << kh << kw << sh << sw << ';' << pt << ',' << pl << ',' << pb << ',' << pr;
+  auto pool = Cached(key.str(), {}, [&] {
+    auto p = std::make_shared<Conv>();
+    p->src_user = dnnl::memory::desc({src.size(0), src.size(3), src.size(1), src.size(2)},
+                                     type, tag::nhwc);
+    p->dst_md = dnnl::memory::desc({dst.size(0), dst.size(3), dst.size(1), dst.size(2)}, type,
+                                   tag::nhwc);
+    p->prim = dnnl::pooling_forward(dnnl::pooling_forward::primitive_desc(
+        CpuEngine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::pooling_max,
+        p->src_user, p->dst_md, {sh, sw}, {kh, kw}, {0, 0}, {pt, pl}, {pb, pr}));
+    return p;
+  });
+  auto& eng = CpuEngine();
+  dnnl::stream s(eng);
+  pool->prim.execute(s, {{DNNL_ARG_SRC, dnnl::memory(pool->src_user, eng, src.data_ptr())},
+                         {DNNL_ARG_DST, dnnl::memory(pool->dst_md, eng, dst.data_ptr())}});
+  s.wait();
+}
+
+// nhwc_to_nchw(src NHWC f32|u8, dst NCHW): the layout permute in front of a head output, as
+// a oneDNN reorder (threaded) instead of TVM's one-thread transpose.
+void NHWCToNCHW(TensorView src, TensorView dst) {
+  using tag = dnnl::memory::format_tag;
+  const auto type = ActivationType(src, "src");
+  TVM_FFI_ICHECK(ActivationType(dst, "dst") == type && dst.size(0) == src.size(0) &&
+                 dst.size(1) == src.size(3) && dst.size(2) == src.size(1) &&
+                 dst.size(3) == src.size(2)) << "dst must be src permuted NHWC -> NCHW";
+  std::ostringstream key;
+  key << "nchw;" << int(type) << ';' << src.size(0) << ',' << src.size(1) << ','
+      << src.size(2) << ',' << src.size(3);
+  auto r = Cached(key.str(), {}, [&] {
+    auto p = std::make_shared<Conv>();
+    dnnl::memory::dims dims{src.size(0), src.size(3), src.size(1), src.size(2)};
+    p->src_user = dnnl::memory::desc(dims, type, tag::nhwc);
+    p->dst_md = dnnl::memory::desc(dims, type, tag::nchw);
+    p->prim = dnnl::reorder(dnnl::reorder::primitive_desc(CpuEngine(), p->src_user, CpuEngine(),
+                                                          p->dst_md));
+    return p;
+  });
+  auto& eng = CpuEngine();
+  dnnl::stream s(eng);
+  r->prim.execute(s, {{DNNL_ARG_FROM, dnnl::memory(r->src_user, eng, src.data_ptr())},
+                      {DNNL_ARG_TO, dnnl::memory(r->dst_md, eng, dst.data_ptr())}});
+  s.wait();
+}
+
 int64_t CacheSize() {
   std::lock_guard<std::mutex> lock(g_mu);
   return static_cast<int64_t>(g_cache.size());
@@ -403,6 +475,8 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(conv2d_nhwc, Conv2dNHWC);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(conv2d_nhwc_add, Conv2dNHWCAdd);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(conv2d_nhwc_int8, Conv2dNHWCInt8);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(conv2d_nhwc_int8_add, Conv2dNHWCInt8Add);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(max_pool2d_nhwc, MaxPool2dNHWC);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(nhwc_to_nchw, NHWCToNCHW);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cache_size, CacheSize);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(clear_cache, ClearCache);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(set_num_threads, SetNumThreads);
