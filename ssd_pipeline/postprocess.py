@@ -22,8 +22,8 @@ import numpy as np
 from .core.errors import UserError
 from .data import COCO80_CATEGORY_IDS, ImageMeta
 
-# Boxes per NMS kernel call when small groups are joined (see _chunks); measured in
-# ENGINE_NOTES.md ("End-to-end: NMS").
+# Boxes per NMS kernel call when small groups are joined (see _chunks): random-init SSD300,
+# ~4100 boxes per image, 10.8 ms per image at one call per group, 6.2 ms at 256 (128-512 alike)
 NMS_CHUNK = 256
 
 

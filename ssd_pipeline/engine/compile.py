@@ -143,50 +143,44 @@ def to_nhwc(mod: Any) -> Any:
 
 
 def offload_convolutions(mod: Any, bf16: bool) -> Any:
-    """NHWC graph; each conv2d(+bias)(+ReLU) becomes one oneDNN call, and a residual block's
-    conv(+bias) -> add -> ReLU too (the add a oneDNN post-op, so the block's output is
-    written once)."""
+    """NHWC graph; each conv2d(+bias)(+ReLU) becomes one oneDNN call, and at fp32 a residual
+    block's conv(+bias) -> add -> ReLU too (the add a oneDNN post-op, so the block's output is
+    written once; not at bf16, which no CPU here could test)."""
     import tvm
     import tvm_ffi
     from tvm import relax
-    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+    from tvm.relax.dpl import rewrite_call
 
     from .kernels import CONV2D_NHWC, CONV2D_NHWC_ADD
+    from .patterns import conv_patterns, int_args
 
     mod = to_nhwc(mod)
-    x, w, b, residual = wildcard(), is_const(), is_const(), wildcard()
-    conv = is_op("relax.nn.conv2d")(x, w)
-    add = is_op("relax.add")(conv, b)
-    relu = is_op("relax.nn.relu")(add)
-    block = is_op("relax.nn.relu")(is_op("relax.add")(add, residual)
-                                   | is_op("relax.add")(residual, add))
+    p = conv_patterns()
 
     def call(expr: Any, m: Any, is_relu: bool, extra: list[Any]) -> Any:
-        a = m[conv].attrs
+        a = m[p.conv].attrs
         if a.data_layout != "NHWC" or a.kernel_layout != "OHWI" or int(a.groups) != 1:
             return expr  # not a form the kernel takes: TVM keeps it
-        bias = m[b].value.numpy()
-        if bias.size != int(m[conv].ty.shape[3]):
+        bias = m[p.b].value.numpy()
+        if bias.size != int(m[p.conv].ty.shape[3]):
             return expr
-        ints = [*map(int, a.strides), *map(int, a.padding), *map(int, a.dilation),
-                int(is_relu), int(bf16)]
-        args = [m[x], m[w], relax.const(bias.reshape(-1))]
-        args += [relax.prim_value(tvm.tirx.IntImm("int64", v)) for v in ints]
+        args = [m[p.x], m[p.w], relax.const(bias.reshape(-1)), *int_args(
+            [*a.strides, *a.padding, *a.dilation, is_relu, bf16])]
         return relax.call_dps_packed(CONV2D_NHWC_ADD if extra else CONV2D_NHWC, args + extra,
                                      out_ty=expr.ty)
 
     def fuse_residual(expr: Any, m: Any) -> Any:
-        same = tvm_ffi.structural_equal(m[residual].ty, m[add].ty)  # no broadcasting
-        if not same or str(m[residual].ty.dtype) != "float32":
+        same = tvm_ffi.structural_equal(m[p.residual].ty, m[p.add].ty)  # no broadcasting
+        if bf16 or not same or str(m[p.residual].ty.dtype) != "float32":
             return expr
-        return call(expr, m, True, [m[residual]])
+        return call(expr, m, True, [m[p.residual]])
 
     def rewrite(expr: Any, m: Any) -> Any:
         is_relu = isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.nn.relu"
         return call(expr, m, is_relu, [])
 
-    mod["main"] = rewrite_call(block, fuse_residual, mod["main"])
-    mod["main"] = rewrite_call(relu | add, rewrite, mod["main"])
+    mod["main"] = rewrite_call(p.block, fuse_residual, mod["main"])
+    mod["main"] = rewrite_call(p.relu | p.add, rewrite, mod["main"])
     return mod
 
 
@@ -199,12 +193,10 @@ def offload_glue(mod: Any) -> Any:
     from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
     from .kernels import MAX_POOL2D_NHWC, NHWC_TO_NCHW
+    from .patterns import int_args
 
     x = wildcard()
     pool, permute = is_op("relax.nn.max_pool2d")(x), is_op("relax.permute_dims")(x)
-
-    def ints(values: list[int]) -> list[Any]:
-        return [relax.prim_value(tvm.tirx.IntImm("int64", v)) for v in values]
 
     def rewrite(expr: Any, m: Any) -> Any:
         ty = m[x].ty
@@ -213,10 +205,9 @@ def offload_glue(mod: Any) -> Any:
         a = expr.attrs
         if pool in m:
             # ceil_mode too: the shim pads the bottom/right edges to dst's size
-            if (a.layout != "NHWC" or a.out_layout != "NHWC"
-                    or [*map(int, a.dilation)] != [1, 1]):
+            if a.layout != "NHWC" or a.out_layout != "NHWC" or [*map(int, a.dilation)] != [1, 1]:
                 return expr
-            args = ints([*map(int, a.pool_size), *map(int, a.strides), *map(int, a.padding)])
+            args = int_args([*a.pool_size, *a.strides, *a.padding])
             return relax.call_dps_packed(MAX_POOL2D_NHWC, [m[x], *args], out_ty=expr.ty)
         dims = [ty.shape[i] for i in range(1, 4)]
         per_image = [int(d) for d in dims] if all(

@@ -65,20 +65,16 @@ def int8_convolutions(mod: Any, calibration: dict[str, Any]) -> tuple[Any, dict[
 
     from ..core.onnxfile import weight_key
     from .kernels import CONV2D_NHWC, CONV2D_NHWC_INT8, CONV2D_NHWC_INT8_ADD
+    from .patterns import conv_patterns, int_args
 
     convs = calibration["convs"]
     bits = int(calibration["weight_bits"])
     floats: dict[str, str] = {}  # by layer name: the rewriter may visit a match twice
-    x, w, b = wildcard(), is_const(), is_const()
-    conv = is_op("relax.nn.conv2d")(x, w)
-    add = is_op("relax.add")(conv, b)
-    relu = is_op("relax.nn.relu")(add)
+    p = conv_patterns()
+    x, w, b, conv, add, relu = p.x, p.w, p.b, p.conv, p.add, p.relu
 
     def f32(v: float) -> Any:
         return relax.const(np.float32(v), "float32")
-
-    def ints(values: list[int]) -> list[Any]:
-        return [relax.prim_value(tvm.tirx.IntImm("int64", v)) for v in values]
 
     def calibrated(m: Any) -> tuple[dict[str, Any] | None, str | None]:
         w_ohwi = m[w].value.numpy()
@@ -105,7 +101,7 @@ def int8_convolutions(mod: Any, calibration: dict[str, Any]) -> tuple[Any, dict[
             [src, relax.const(wq), relax.const(wscale), relax.const(bias),
              relax.prim_value(tvm.tirx.FloatImm("float64", s_src)),
              relax.prim_value(tvm.tirx.FloatImm("float64", s_dst)),
-             *ints([*geometry(m), relu]), *([] if residual is None else [residual])],
+             *int_args([*geometry(m), relu]), *([] if residual is None else [residual])],
             out_ty=relax.TensorType([*shape[:3], wq.shape[0]], "uint8" if u8_out else "float32"))
         if wq.shape[0] != shape[3]:
             out = relax.op.strided_slice(out, axes=[3], begin=[0], end=[shape[3]])
@@ -132,15 +128,13 @@ def int8_convolutions(mod: Any, calibration: dict[str, Any]) -> tuple[Any, dict[
             floats[entry["name"] if entry else f"conv {m[w].value.numpy().shape}"] = reason
             return relax.call_dps_packed(
                 CONV2D_NHWC, [m[x], m[w], relax.const(m[b].value.numpy().reshape(-1)),
-                              *ints([*geometry(m), is_relu, 0])],
+                              *int_args([*geometry(m), is_relu, 0])],
                 out_ty=expr.ty)
         return int8_call(m, entry, is_relu, entry["dst_highest"])
 
     # step 1a: a residual block's conv -> add -> ReLU is one oneDNN call (the add a binary
     # post-op) writing u8, where the ReLU output was calibrated
-    residual = wildcard()
-    block = is_op("relax.nn.relu")(is_op("relax.add")(add, residual)
-                                   | is_op("relax.add")(residual, add))
+    residual, block = p.residual, p.block
 
     def fuse_residual(expr: Any, m: Any) -> Any:
         entry, reason = calibrated(m) if supported(m) else (None, "unsupported")

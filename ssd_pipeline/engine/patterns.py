@@ -1,0 +1,41 @@
+"""The Relax patterns the oneDNN rewrites match (float and int8 alike), and the integer
+arguments they pass to the shim."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ConvPatterns:
+    """``conv2d(x, w) + b`` (``add``), its ReLU (``relu``), and a residual block's
+    ``relu(add + residual)`` in either operand order (``block``)."""
+
+    x: Any
+    w: Any
+    b: Any
+    residual: Any
+    conv: Any
+    add: Any
+    relu: Any
+    block: Any
+
+
+def conv_patterns() -> ConvPatterns:
+    from tvm.relax.dpl import is_const, is_op, wildcard
+
+    x, w, b, residual = wildcard(), is_const(), is_const(), wildcard()
+    conv = is_op("relax.nn.conv2d")(x, w)
+    add = is_op("relax.add")(conv, b)
+    block = is_op("relax.nn.relu")(is_op("relax.add")(add, residual)
+                                   | is_op("relax.add")(residual, add))
+    return ConvPatterns(x, w, b, residual, conv, add, is_op("relax.nn.relu")(add), block)
+
+
+def int_args(values: list[int]) -> list[Any]:
+    """The shim's int64 arguments (strides, pads, dilations, flags)."""
+    import tvm
+    from tvm import relax
+
+    return [relax.prim_value(tvm.tirx.IntImm("int64", int(v))) for v in values]
