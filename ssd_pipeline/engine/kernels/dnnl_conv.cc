@@ -390,6 +390,15 @@ dnnl::memory::data_type ActivationType(const TensorView& t, const char* name) {
   return IsDtype(t, kDLUInt, 8) ? dnnl::memory::data_type::u8 : dnnl::memory::data_type::f32;
 }
 
+// Runs a one-input primitive (pooling, or a reorder: its FROM/TO are oneDNN's SRC/DST).
+void ExecuteSrcDst(const Conv& p, const TensorView& src, const TensorView& dst) {
+  auto& eng = CpuEngine();
+  dnnl::stream s(eng);
+  p.prim.execute(s, {{DNNL_ARG_SRC, dnnl::memory(p.src_user, eng, src.data_ptr())},
+                     {DNNL_ARG_DST, dnnl::memory(p.dst_md, eng, dst.data_ptr())}});
+  s.wait();
+}
+
 // max_pool2d_nhwc(src NHWC f32|u8, kernel h, w, strides, pads (top, left, bottom, right),
 //                 dst NHWC of src's type): padding never wins the max, as in Relax's op, so
 // ceil_mode is more bottom/right padding: read from dst's size. TVM compiles its own pool to
@@ -418,11 +427,7 @@ void MaxPool2dNHWC(TensorView src, int64_t kh, int64_t kw, int64_t sh, int64_t s
         p->src_user, p->dst_md, {sh, sw}, {kh, kw}, {0, 0}, {pt, pl}, {pb, pr}));
     return p;
   });
-  auto& eng = CpuEngine();
-  dnnl::stream s(eng);
-  pool->prim.execute(s, {{DNNL_ARG_SRC, dnnl::memory(pool->src_user, eng, src.data_ptr())},
-                         {DNNL_ARG_DST, dnnl::memory(pool->dst_md, eng, dst.data_ptr())}});
-  s.wait();
+  ExecuteSrcDst(*pool, src, dst);
 }
 
 // nhwc_to_nchw(src NHWC f32|u8, dst NCHW): the layout permute in front of a head output, as
@@ -445,11 +450,7 @@ void NHWCToNCHW(TensorView src, TensorView dst) {
                                                           p->dst_md));
     return p;
   });
-  auto& eng = CpuEngine();
-  dnnl::stream s(eng);
-  r->prim.execute(s, {{DNNL_ARG_FROM, dnnl::memory(r->src_user, eng, src.data_ptr())},
-                      {DNNL_ARG_TO, dnnl::memory(r->dst_md, eng, dst.data_ptr())}});
-  s.wait();
+  ExecuteSrcDst(*r, src, dst);
 }
 
 int64_t CacheSize() {
