@@ -158,14 +158,10 @@ def offload_convolutions(mod: Any, bf16: bool) -> Any:
     p = conv_patterns()
 
     def call(expr: Any, m: Any, is_relu: bool, extra: list[Any]) -> Any:
-        a = m[p.conv].attrs
-        if a.data_layout != "NHWC" or a.kernel_layout != "OHWI" or int(a.groups) != 1:
+        if not p.supported(m):
             return expr  # not a form the kernel takes: TVM keeps it
-        bias = m[p.b].value.numpy()
-        if bias.size != int(m[p.conv].ty.shape[3]):
-            return expr
-        args = [m[p.x], m[p.w], relax.const(bias.reshape(-1)), *int_args(
-            [*a.strides, *a.padding, *a.dilation, is_relu, bf16])]
+        args = [m[p.x], m[p.w], relax.const(m[p.b].value.numpy().reshape(-1)),
+                *int_args([*p.geometry(m), is_relu, bf16])]
         return relax.call_dps_packed(CONV2D_NHWC_ADD if extra else CONV2D_NHWC, args + extra,
                                      out_ty=expr.ty)
 

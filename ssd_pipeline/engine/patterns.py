@@ -21,6 +21,18 @@ class ConvPatterns:
     relu: Any
     block: Any
 
+    def supported(self, m: Any) -> bool:
+        """The match is a convolution the shim takes: NHWC data, OHWI weights, no groups,
+        one bias per output channel."""
+        a = m[self.conv].attrs
+        return (a.data_layout == "NHWC" and a.kernel_layout == "OHWI" and int(a.groups) == 1
+                and m[self.b].value.numpy().size == int(m[self.conv].ty.shape[3]))
+
+    def geometry(self, m: Any) -> list[int]:
+        """Strides, pads, dilations of the matched convolution: the shim's first ints."""
+        a = m[self.conv].attrs
+        return [*map(int, a.strides), *map(int, a.padding), *map(int, a.dilation)]
+
 
 def conv_patterns() -> ConvPatterns:
     from tvm.relax.dpl import is_const, is_op, wildcard

@@ -110,14 +110,7 @@ def int8_convolutions(mod: Any, calibration: dict[str, Any]) -> tuple[Any, dict[
         return relax.op.dequantize(out, f32(s_dst), relax.const(0, "int8"), axis=-1,
                                    out_dtype="float32")
 
-    def geometry(m: Any) -> list[int]:  # strides, pads, dilations: the shim's int arguments
-        a = m[conv].attrs
-        return [*map(int, a.strides), *map(int, a.padding), *map(int, a.dilation)]
-
-    def supported(m: Any) -> bool:
-        a = m[conv].attrs
-        return (a.data_layout == "NHWC" and a.kernel_layout == "OHWI" and int(a.groups) == 1
-                and m[b].value.numpy().size == int(m[conv].ty.shape[3]))
+    geometry, supported = p.geometry, p.supported
 
     def rewrite(expr: Any, m: Any) -> Any:
         if not supported(m):
