@@ -208,7 +208,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     calibration = arts.calibration_path() if args.precision == "int8" else None
     spec = EngineSpec(target=args.target, precision=args.precision, batch=args.batch,
                       offload=args.offload, cuda_arch=args.cuda_arch,
-                      calibration=calibration and file_sha256(calibration))
+                      calibration=calibration and file_sha256(calibration),
+                      winograd=args.winograd)
     onnx_path = arts.simplified_onnx_path
     if spec.target == "cuda":
         # built, not loaded: this TVM runtime cannot run CUDA engines
@@ -402,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "cuda: fp32 | fp16")
     c.add_argument("--batch", type=int, default=None, help="static batch (default: dynamic)")
     c.add_argument("--offload", default="dnnl", help="cpu: dnnl (oneDNN convolutions) | none")
+    c.add_argument("--no-winograd", dest="winograd", action="store_false",
+                   help="fp32: keep every convolution direct (by default the larger 3x3 "
+                   "stride-1 ones run as Winograd F(2x2, 3x3))")
     c.add_argument("--cuda-arch", default="sm_90")
     c.add_argument("--output", type=Path, default=None, help="also copy the engine here")
     c.set_defaults(fn=cmd_compile)

@@ -72,11 +72,65 @@ def test_every_convolution_is_offloaded(model_name, bundles):
     pools = sum(n.op_type == "MaxPool" for n in graph.node)
     ops = b.runner("tvm").engine.record["relax_ops"]
     assert "relax.nn.conv2d" not in ops and "relax.nn.max_pool2d" not in ops, ops
-    assert ops.get(CONV2D_NHWC, 0) + ops.get(CONV2D_NHWC_ADD, 0) == convs, (ops, convs)
+    shim_convs = sum(ops.get(f"{f}{how}", 0) for f in (CONV2D_NHWC, CONV2D_NHWC_ADD)
+                     for how in ("", ":winograd"))
+    assert shim_convs == convs, (ops, convs)
     assert ops.get(MAX_POOL2D_NHWC) == pools > 0, (ops, pools)
     assert ops.get(NHWC_TO_NCHW, 0) >= 2, ops  # at least the two 38x38 head outputs
     # every ReLU follows a convolution or a residual block's add, and runs inside its call
     assert "relax.nn.relu" not in ops, ops
+
+
+def test_winograd_runs_where_it_measured_faster(model_name, bundles):
+    """fp32: exactly the 3x3 stride-1 convolutions at or above the measured cuts
+    (``WINOGRAD_MIN_*``) are Winograd calls, and the engine record counts the GOP they
+    execute against their direct form (what the perf records' peak fractions read)."""
+    import onnx
+
+    from ssd_pipeline.core.timing import conv_gflop_per_image
+    from ssd_pipeline.engine.compile import WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_SIZE
+    from ssd_pipeline.engine.kernels import CONV2D_NHWC, CONV2D_NHWC_ADD
+
+    b = bundles(model_name)
+    path = str(b.artifacts.simplified_onnx_path)
+    model = onnx.shape_inference.infer_shapes(onnx.load(path, load_external_data=False))
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*model.graph.value_info, *model.graph.output]}
+    weights = {i.name: list(i.dims) for i in model.graph.initializer}
+    want = 0
+    for node in model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+        o, c, kh, kw = weights[node.input[1]]
+        oh, ow = shapes[node.output[0]][2:]
+        want += ((kh, kw) == (3, 3) and a.get("strides", [1, 1]) == [1, 1]
+                 and a.get("dilations", [1, 1]) == [1, 1]
+                 and set(a.get("pads", [0] * 4)) <= {0, 1} and a.get("group", 1) == 1
+                 and min(c, o) >= WINOGRAD_MIN_CHANNELS and min(oh, ow) >= WINOGRAD_MIN_SIZE)
+    record = b.runner("tvm").engine.record
+    ops, wino = record["relax_ops"], record["winograd"]
+    got = ops.get(f"{CONV2D_NHWC}:winograd", 0) + ops.get(f"{CONV2D_NHWC_ADD}:winograd", 0)
+    assert got == want == wino["convolutions"] > 0, (ops, want)
+    assert wino["executed_gop_per_image"] < wino["direct_gop_per_image"] \
+        <= conv_gflop_per_image(path)
+    assert 4 / 9 <= wino["executed_gop_per_image"] / wino["direct_gop_per_image"] < 0.6
+
+
+def test_winograd_engine_equals_direct_engine(artifacts, sample_batch, expectations):
+    """The same model compiled with and without Winograd gives the same raw outputs within
+    the fp32 tolerance (Winograd F(2x2, 3x3)'s own error is ~1e-6 relative)."""
+    from ssd_pipeline.backends.tvm_backend import TvmRunner
+
+    runs = []
+    for winograd in (True, False):
+        spec = EngineSpec(winograd=winograd)
+        engine = cached_engine(artifacts.store, artifacts.simplified_onnx_path, spec)
+        assert bool(engine.record["winograd"]) is winograd
+        runs.append(TvmRunner(engine, spec, 2, engine.record["outputs"]))
+    got, ref = (r.run(sample_batch.array) for r in runs)
+    assert_raw_parity(got, ref, runs[0].output_names,
+                      expectations.number("parity.fp32.raw_rel_err_max"), "Winograd vs direct")
 
 
 def test_engine_is_built_once_and_reused(artifacts, store, model_spec, expectations):
@@ -188,19 +242,30 @@ def test_cuda_fp16_engine_compiles(artifacts, tmp_path, record_property):
         load_engine(tmp_path, spec)
 
 
-@pytest.mark.parametrize("kh, stride, pad, dilation, relu, residual", [
-    (1, 1, 0, 1, 1, False),  # pointwise: runs as a oneDNN matmul
-    (1, 1, 0, 1, 0, False),
-    (1, 2, 0, 1, 1, False),  # strided 1x1: stays a convolution
-    (3, 1, 1, 1, 1, False),
-    (3, 2, 1, 1, 0, False),
-    (3, 1, 6, 6, 1, False),  # SSD's dilated fc6
-    (1, 1, 0, 1, 1, True),  # conv2d_nhwc_add: a residual block's conv -> add -> ReLU
-    (3, 1, 1, 1, 1, True),
-    (3, 2, 1, 1, 0, True),
+SMALL = (2, 24, 13, 11, 40)  # n, c, h, w, o: odd sizes, channels no multiple of 8
+CHUNKED = (1, 512, 70, 70, 512)  # Winograd: 1225 tiles, two chunks, the last one padded
+
+
+@pytest.mark.parametrize("kh, stride, pad, dilation, relu, residual, compute, shape", [
+    (1, 1, 0, 1, 1, False, 0, SMALL),  # pointwise: runs as a oneDNN matmul
+    (1, 1, 0, 1, 0, False, 0, SMALL),
+    (1, 2, 0, 1, 1, False, 0, SMALL),  # strided 1x1: stays a convolution
+    (3, 1, 1, 1, 1, False, 0, SMALL),
+    (3, 2, 1, 1, 0, False, 0, SMALL),
+    (3, 1, 6, 6, 1, False, 0, SMALL),  # SSD's dilated fc6
+    (1, 1, 0, 1, 1, True, 0, SMALL),  # conv2d_nhwc_add: a residual block's conv -> add -> ReLU
+    (3, 1, 1, 1, 1, True, 0, SMALL),
+    (3, 2, 1, 1, 0, True, 0, SMALL),
+    (3, 1, 1, 1, 1, False, 2, SMALL),  # Winograd F(2x2, 3x3)
+    (3, 1, 1, 1, 0, False, 2, SMALL),
+    (3, 1, 0, 1, 1, False, 2, SMALL),
+    (3, 1, 1, 1, 1, True, 2, SMALL),
+    (3, 1, 1, 1, 0, False, 2, CHUNKED),
 ])
-def test_shim_convolution_equals_torch(store, kh, stride, pad, dilation, relu, residual):
-    """The oneDNN shim, called directly, against torch's conv2d (+bias) (+residual) (+ReLU)."""
+def test_shim_convolution_equals_torch(store, kh, stride, pad, dilation, relu, residual,
+                                       compute, shape):
+    """The oneDNN shim, called directly, against torch's conv2d (+bias) (+residual) (+ReLU),
+    direct (compute 0) and Winograd (compute 2: transforms in the shim, oneDNN's matmul)."""
     import numpy as np
     import torch
     import tvm
@@ -209,27 +274,53 @@ def test_shim_convolution_equals_torch(store, kh, stride, pad, dilation, relu, r
 
     mod = load_shim(str(build_shim(store)))
     rng = np.random.default_rng(kh * 100 + stride * 10 + dilation)
-    n, c, h, w, o = 2, 24, 13, 11, 40
+    n, c, h, w, o = shape
     x = rng.standard_normal((n, c, h, w), dtype=np.float32)
-    wt = rng.standard_normal((o, c, kh, kh), dtype=np.float32) * 0.1
+    wt = rng.standard_normal((o, c, kh, kh), dtype=np.float32) * (0.3 / kh / c ** 0.5)
     b = rng.standard_normal(o, dtype=np.float32)
-    ref = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(wt),
-                                     torch.from_numpy(b), stride, pad, dilation)
+    ref = torch.nn.functional.conv2d(torch.from_numpy(x).double(),
+                                     torch.from_numpy(wt).double(),
+                                     torch.from_numpy(b).double(), stride, pad, dilation)
     r = rng.standard_normal(tuple(ref.shape), dtype=np.float32)
     if residual:
         ref = ref + torch.from_numpy(r)
     ref = (torch.relu(ref) if relu else ref).permute(0, 2, 3, 1).contiguous().numpy()
-    out = np.zeros_like(ref)
+    out = np.zeros_like(ref, dtype=np.float32)
     t = [tvm.runtime.tensor(a) for a in (
         np.ascontiguousarray(x.transpose(0, 2, 3, 1)),
         np.ascontiguousarray(wt.transpose(0, 2, 3, 1)), b, out,
         np.ascontiguousarray(r.transpose(0, 2, 3, 1)))]
-    geometry = (stride, stride, pad, pad, pad, pad, dilation, dilation, relu, 0)
+    geometry = (stride, stride, pad, pad, pad, pad, dilation, dilation, relu, compute)
     if residual:
         mod.conv2d_nhwc_add(t[0], t[1], t[2], *geometry, t[4], t[3])
     else:
         mod.conv2d_nhwc(t[0], t[1], t[2], *geometry, t[3])
+    # float32 against a float64 reference; Winograd's own error measured 2-4e-6 at C = 512
     np.testing.assert_allclose(t[3].numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("stride, dilation, kh, compute, message", [
+    (2, 1, 3, 2, "stride 1 and dilation 1 only"),
+    (1, 2, 3, 2, "stride 1 and dilation 1 only"),
+    (1, 1, 1, 2, "3x3 kernels"),
+    (1, 1, 3, 3, "compute must be 0"),
+])
+def test_shim_refuses_what_winograd_cannot_run(store, stride, dilation, kh, compute, message):
+    """A call outside Winograd's domain (or an unknown compute mode) is refused, never run
+    as something else."""
+    import numpy as np
+    import tvm
+
+    from ssd_pipeline.engine.kernels import build_shim, load_shim
+
+    mod = load_shim(str(build_shim(store)))
+    pad = dilation * (kh // 2)
+    oh = (9 + 2 * pad - dilation * (kh - 1) - 1) // stride + 1
+    t = [tvm.runtime.tensor(np.zeros(s, np.float32)) for s in (
+        (1, 9, 9, 8), (8, kh, kh, 8), (8,), (1, oh, oh, 8))]
+    with pytest.raises(Exception, match=message):
+        mod.conv2d_nhwc(t[0], t[1], t[2], stride, stride, pad, pad, pad, pad, dilation,
+                        dilation, 1, compute, t[3])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "uint8"])

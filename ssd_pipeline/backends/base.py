@@ -32,6 +32,9 @@ class OpTime:
     input_shapes: tuple[tuple[int, ...], ...] = ()
     output_shape: tuple[int, ...] | None = None
     weight_shape: tuple[int, ...] | None = None
+    # GOP (2 x MACs) where the backend does fewer multiplies than the direct convolution
+    # (Winograd: 16 per 2x2 output tile instead of 36)
+    executed_gop: float | None = None
 
 
 class Runner(ABC):

@@ -19,10 +19,14 @@ if TYPE_CHECKING:
 
 def conv_label(weight_ohwi: tuple[int, ...], ints: list[int]) -> str:
     """``oneDNN conv 3x3 s1 d6 512->1024 +relu`` from the shim call's weight shape and its
-    integer arguments (strides 2, padding 4, dilation 2, relu, bf16)."""
+    integer arguments (strides 2, padding 4, dilation 2, relu, and for float calls compute);
+    ``Winograd conv ...`` for the shim's Winograd path (its products on oneDNN's matmul)."""
+    from ..engine.compile import COMPUTE_WINOGRAD
+
     co, kh, kw, ci = weight_ohwi
     stride, dilation, relu = ints[0], ints[6], ints[8]
-    return (f"oneDNN conv {kh}x{kw} s{stride}" + (f" d{dilation}" if dilation > 1 else "")
+    how = "Winograd" if len(ints) > 9 and ints[9] == COMPUTE_WINOGRAD else "oneDNN"
+    return (f"{how} conv {kh}x{kw} s{stride}" + (f" d{dilation}" if dilation > 1 else "")
             + f" {ci}->{co}" + (" +relu" if relu else ""))
 
 
@@ -39,7 +43,13 @@ class TvmRunner(Runner):
             **({"int8_weight_bits": engine.record["quantization"]["weight_bits"],
                 "calibration_method": engine.record["quantization"]["method"],
                 "calibration_images": engine.record["quantization"]["num_images"]}
-               if engine.record.get("quantization") else {})})
+               if engine.record.get("quantization") else {}),
+            # Winograd does fewer multiplies than the model's direct convolutions: perf records
+            # read the engine's GOP/s against the peak by what it executes
+            **({"winograd_convolutions": wino["convolutions"],
+                "conv_gop_saved_per_image": round(
+                    wino["direct_gop_per_image"] - wino["executed_gop_per_image"], 4)}
+               if (wino := engine.record.get("winograd")) else {})})
         self.engine = engine
         self.spec = spec
         self._fn = engine.vm["main"]
@@ -120,9 +130,13 @@ class TvmRunner(Runner):
                 name = name.replace("oneDNN conv", "oneDNN int8 conv")
             if symbol in (CONV2D_NHWC_ADD, CONV2D_NHWC_INT8_ADD):
                 name = name.replace(" +relu", "") + " +add+relu"
+            executed = None
+            if name.startswith("Winograd"):  # 16 products per 2x2 tile of the output
+                n, oh, ow, co = shapes[-1]
+                executed = 2 * 16 * n * -(-oh // 2) * -(-ow // 2) * shapes[1][3] * co / 1e9
             out.append(OpTime(i, name, "conv" if conv else symbol.rstrip("0123456789_"),
                               ms, tuple(shapes[:-1]), shapes[-1] if shapes else None,
-                              shapes[1] if conv else None))
+                              shapes[1] if conv else None, executed))
         out.append(OpTime(len(out), "vm.builtin.* (allocation, shapes)", "vm.builtin",
                           statistics.median(builtin) * 1e3))
         return out

@@ -31,7 +31,7 @@ from ..core.host import cpu_flags, default_threads, host_cpu
 from ..core.onnxfile import load_onnx
 
 # Bump when the pass pipeline changes: it is part of every engine's cache key.
-PIPELINE_VERSION = 6
+PIPELINE_VERSION = 7
 ENGINE_FILE = "engine.so"
 META_FILE = "engine.json"
 INPUT_CHW = (3, 300, 300)
@@ -39,6 +39,18 @@ INPUT_CHW = (3, 300, 300)
 # it oneDNN's ~10 us per call loses to TVM's transpose (embedded model, bs 8: 38x38x16 0.17 ->
 # 0.07 ms, 38x38x24 0.30 -> 0.19 ms; 19x19x24 0.037 -> 0.044 ms)
 PERMUTE_MIN_ELEMENTS = 16384
+# fp32 3x3 stride-1 convolutions run as Winograd F(2x2, 3x3) (the shim's compute 2) when both
+# channel counts are at least this and the output at least WINOGRAD_MIN_SIZE on each side.
+# Measured against oneDNN's direct convolution, same process, interleaved (time ratio, < 1
+# wins): SSD300 bs 8 38x38 512->512 0.46, 75x75 256->256 0.60, 150x150 128->128 0.70,
+# 300x300 64->64 0.82, 38x38 512->324 0.57; embedded model bs 8 38x38 32->32 0.85, 10x10
+# 128->128 0.66. Below the cuts Winograd lost: 75x75 16->16 1.64, 75x75 24->32 1.36, 5x5
+# 128->36 1.76, 3x3 64->24 2.95 (bs 1 or 8).
+WINOGRAD_MIN_CHANNELS = 32
+WINOGRAD_MIN_SIZE = 8
+# the shim's `compute` argument of its float32 convolutions
+COMPUTE_F32, COMPUTE_BF16, COMPUTE_WINOGRAD = 0, 1, 2
+COMPUTE_ARG = 12  # its place: after src, weight, bias and 9 ints (strides, pads, dilations, relu)
 MIN_OPSET = 11  # what the exporter and TVM's ONNX frontend are exercised with (we write 13)
 PRECISIONS = {"cpu": ("fp32", "bf16", "int8"), "cuda": ("fp32", "fp16")}
 OFFLOADS = {"cpu": ("dnnl", "none"), "cuda": ("none",)}
@@ -54,6 +66,9 @@ class EngineSpec:
     offload: str = "dnnl"
     cuda_arch: str = "sm_90"
     calibration: str | None = None  # int8: sha256 of the calibration record
+    # fp32 with oneDNN offload: 3x3 stride-1 convolutions as Winograd F(2x2, 3x3) where it
+    # measured faster (WINOGRAD_MIN_*); False keeps every convolution direct
+    winograd: bool = True
 
     def __post_init__(self) -> None:
         if self.target not in PRECISIONS:
@@ -76,6 +91,8 @@ class EngineSpec:
                             "(its convolutions are oneDNN int8 primitives)")
         if self.precision != "int8":
             object.__setattr__(self, "calibration", None)
+        if (self.precision, offload) != ("fp32", "dnnl"):
+            object.__setattr__(self, "winograd", False)
 
     def tvm_target(self) -> Any:
         import tvm
@@ -142,10 +159,26 @@ def to_nhwc(mod: Any) -> Any:
     return relax.transform.FoldConstant()(mod)  # weight permutes become OHWI constants
 
 
-def offload_convolutions(mod: Any, bf16: bool) -> Any:
+def winograd_fits(attrs: Any, weight_shape: Any, out_shape: Any) -> bool:
+    """A convolution (NHWC/OHWI) the shim's Winograd path takes and wins on: 3x3, stride and
+    dilation 1, pads 0 or 1, channels and output size at or above the measured cuts."""
+    import tvm
+
+    o, kh, kw, c = (int(d) for d in weight_shape)
+    size = [out_shape[1], out_shape[2]]
+    return ((kh, kw) == (3, 3) and [*map(int, attrs.strides)] == [1, 1]
+            and [*map(int, attrs.dilation)] == [1, 1]
+            and all(int(p) in (0, 1) for p in attrs.padding)
+            and min(c, o) >= WINOGRAD_MIN_CHANNELS
+            and all(isinstance(d, tvm.tirx.IntImm) and int(d) >= WINOGRAD_MIN_SIZE
+                    for d in size))
+
+
+def offload_convolutions(mod: Any, bf16: bool, winograd: bool = False) -> Any:
     """NHWC graph; each conv2d(+bias)(+ReLU) becomes one oneDNN call, and at fp32 a residual
     block's conv(+bias) -> add -> ReLU too (the add a oneDNN post-op, so the block's output is
-    written once; not at bf16, which no CPU here could test)."""
+    written once; not at bf16, which no CPU here could test). ``winograd`` (fp32): the 3x3
+    stride-1 ones that :func:`winograd_fits` run as Winograd F(2x2, 3x3)."""
     import tvm
     import tvm_ffi
     from tvm import relax
@@ -160,8 +193,11 @@ def offload_convolutions(mod: Any, bf16: bool) -> Any:
     def call(expr: Any, m: Any, is_relu: bool, extra: list[Any]) -> Any:
         if not p.supported(m):
             return expr  # not a form the kernel takes: TVM keeps it
+        compute = COMPUTE_BF16 if bf16 else COMPUTE_F32
+        if winograd and winograd_fits(m[p.conv].attrs, m[p.w].ty.shape, m[p.conv].ty.shape):
+            compute = COMPUTE_WINOGRAD
         args = [m[p.x], m[p.w], relax.const(m[p.b].value.numpy().reshape(-1)),
-                *int_args([*p.geometry(m), is_relu, bf16])]
+                *int_args([*p.geometry(m), is_relu, compute])]
         return relax.call_dps_packed(CONV2D_NHWC_ADD if extra else CONV2D_NHWC, args + extra,
                                      out_ty=expr.ty)
 
@@ -219,9 +255,11 @@ def offload_glue(mod: Any) -> Any:
 
 def count_ops(mod: Any) -> dict[str, int]:
     """Relax operator histogram of ``main``, offloaded calls by the function they call (shows
-    what was offloaded)."""
+    what was offloaded), float convolutions run as Winograd under ``<function>:winograd``."""
     import tvm
     from tvm import relax
+
+    from .kernels import CONV2D_NHWC, CONV2D_NHWC_ADD
 
     counts: dict[str, int] = {}
 
@@ -230,10 +268,43 @@ def count_ops(mod: Any) -> dict[str, int]:
             name = e.op.name
             if name == "relax.call_dps_packed":
                 name = getattr(e.args[0], "global_symbol", name)
+                if name in (CONV2D_NHWC, CONV2D_NHWC_ADD) and \
+                        int(e.args[1].fields[COMPUTE_ARG].value) == COMPUTE_WINOGRAD:
+                    name += ":winograd"
             counts[name] = counts.get(name, 0) + 1
 
     relax.analysis.post_order_visit(mod["main"], visit)
     return dict(sorted(counts.items()))
+
+
+def winograd_record(mod: Any) -> dict[str, Any] | None:
+    """How many convolutions run as Winograd, and the GOP per image they do against what their
+    direct form does (2 x MACs: 16 products per 2x2 output tile, not 9 per output). Perf
+    records read their GOP/s against the peak by what the engine executes, so a Winograd
+    engine's img/s never reads as more than the chip can compute. None when none."""
+    import tvm
+    from tvm import relax
+
+    from .kernels import CONV2D_NHWC, CONV2D_NHWC_ADD
+
+    found: list[tuple[int, int, int, int]] = []
+
+    def visit(e: Any) -> None:
+        if (isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op)
+                and e.op.name == "relax.call_dps_packed"
+                and getattr(e.args[0], "global_symbol", None) in (CONV2D_NHWC, CONV2D_NHWC_ADD)
+                and int(e.args[1].fields[COMPUTE_ARG].value) == COMPUTE_WINOGRAD):
+            o, _, _, c = (int(d) for d in e.args[1].fields[1].ty.shape)
+            oh, ow = (int(e.ty.shape[i]) for i in (1, 2))
+            found.append((oh, ow, c, o))
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    if not found:
+        return None
+    direct = sum(2 * oh * ow * c * o * 9 for oh, ow, c, o in found)
+    executed = sum(2 * 16 * -(-oh // 2) * -(-ow // 2) * c * o for oh, ow, c, o in found)
+    return {"convolutions": len(found), "direct_gop_per_image": round(direct / 1e9, 4),
+            "executed_gop_per_image": round(executed / 1e9, 4)}
 
 
 def _cuda_pipeline(mod: Any, spec: EngineSpec, target: Any) -> Any:
@@ -281,10 +352,11 @@ def build_engine(onnx_path: str | Path, spec: EngineSpec, out_dir: str | Path,
         quantization |= {k: cal.get(k) for k in ("method", "num_images", "images_sha256",
                                                  "images_source")}
     elif spec.offload == "dnnl":
-        mod = offload_convolutions(mod, spec.precision == "bf16")
+        mod = offload_convolutions(mod, spec.precision == "bf16", spec.winograd)
     if spec.offload == "dnnl":
         mod = offload_glue(mod)
     ops = count_ops(mod)
+    winograd = winograd_record(mod) if spec.winograd else None
     if spec.target == "cuda":
         mod = _cuda_pipeline(mod, spec, target)
     ex = tvm.compile(mod, target=target)
@@ -292,7 +364,7 @@ def build_engine(onnx_path: str | Path, spec: EngineSpec, out_dir: str | Path,
     record = {"spec": spec.key(), "onnx_sha256": file_sha256(onnx_path),
               "shim_sha256": file_sha256(shim) if spec.offload == "dnnl" else None,
               "input_chw": list(INPUT_CHW), "outputs": outputs, "relax_ops": ops,
-              "quantization": quantization,
+              "quantization": quantization, "winograd": winograd,
               "compile_s": round(time.perf_counter() - t0, 3)}
     (out_dir / META_FILE).write_text(json.dumps(record, indent=1))
     return record

@@ -24,6 +24,8 @@ def conv_gop(op: OpTime) -> float | None:
     """Giga-operations (2 x MACs) of a convolution as executed: every output element takes one
     MAC per weight of its output channel. ONNX Runtime reports its NCHWc kernels' shapes,
     channels padded to whole blocks, so its figure includes that padding."""
+    if op.executed_gop is not None:
+        return op.executed_gop
     if op.weight_shape is None or op.output_shape is None:
         return None
     return 2.0 * math.prod(op.output_shape) * math.prod(op.weight_shape[1:]) / 1e9

@@ -345,6 +345,14 @@ def readme_tables(perf_json: Path, accuracy_json: Path) -> str:
                 if gf and gf.get("peak_fraction") is not None else "-")
         out.append(f"| {backend} {precision} | {' | '.join(ips)} | {gflops} | {frac} | "
                    f"{ratio} |")
+    fewer = sorted({(r["backend"], r["precision"], r["executed_gflop_per_image"],
+                     r.get("winograd_convolutions")) for r in rows
+                    if r.get("executed_gflop_per_image") is not None})
+    if fewer:
+        out += ["", "GFLOP/s counts every convolution as direct; " + "; ".join(
+            f"{b} {p} runs {n or 'some'} of them as Winograd F(2x2, 3x3) and executes "
+            f"{ex:.1f} GFLOP per image, which its peak and matmul fractions read"
+            for b, p, ex, n in fewer) + "."]
     ceilings = next((r["ceilings"] for r in rows if r.get("ceilings")), None)
     if ceilings:
         out += ["", "This run's ceilings (`ssd_pipeline/engine/peak.py`, same threads): "

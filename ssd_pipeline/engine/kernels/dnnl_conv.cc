@@ -4,8 +4,9 @@
 // graph and the glue ops, a vendor library runs the convolutions.
 //
 // Layout contract (ssd_pipeline/compile.py rewrites the graph to it): activations NHWC
-// float32, weights OHWI float32 (constants), bias (O) float32. With bf16=1 the convolution
-// computes in bfloat16 (avx512_bf16 / AMX where present) and still reads/writes float32.
+// float32, weights OHWI float32 (constants), bias (O) float32. `compute` says how: 0 direct in
+// float32, 1 direct in bfloat16 (avx512_bf16 / AMX where present; still reads/writes float32),
+// 2 Winograd F(2x2, 3x3) in float32 (3x3, stride 1; see Wino below).
 // conv2d_nhwc_add also adds a float32 residual of dst's shape before the ReLU (a residual
 // block's conv -> add -> relu as one primitive: a binary post-op).
 //
@@ -25,6 +26,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -176,13 +178,242 @@ std::shared_ptr<Conv> MakeConv(const TensorView& src, const TensorView& weight,
   return conv;
 }
 
+// Winograd F(2x2, 3x3) for 3x3 stride-1 fp32 convolutions (Lavin & Gray, 2015): each 4x4
+// input tile becomes 16 products of (tiles x C) . (C x O) matrices, 4 multiplies per output
+// instead of 9. oneDNN 3.2 has no Winograd on AVX2 (only AVX-512), so the shim does the
+// transforms (OpenMP, oneDNN's own threads) and oneDNN's matmul does the 16 products, one
+// batched call per chunk of tiles; chunks keep the transformed tiles in the last-level cache.
+// Transform matrices: B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],
+// G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1], A^T = [1 1 1 0; 0 1 -1 -1].
+struct Wino {
+  dnnl::primitive matmul;  // [16, tc, C] . [16, C, O] -> [16, tc, O]
+  dnnl::memory u;          // G g G^T of every (c, o), in the matmul's weights format
+  std::vector<float> fingerprint;
+  int64_t tc = 0;  // tiles per chunk (the last chunk is padded with unused tiles)
+};
+
+std::unordered_map<std::string, std::shared_ptr<Wino>> g_wino;
+
+// 8 floats (AVX2's ymm where the target_clones below allow it, else two SSE registers) or 1:
+// the transforms run on whole vectors of channels, then on the remainder.
+typedef float F8 __attribute__((vector_size(32)));
+
+template <typename T>
+__attribute__((always_inline)) inline T Load(const float* p) {
+  T x;
+  std::memcpy(&x, p, sizeof(T));
+  return x;
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void Store(float* p, T x) {
+  std::memcpy(p, &x, sizeof(T));
+}
+
+// channels [k, k + lanes) of one tile: v[a * 4 + b] = (B^T . d . B)[a][b]
+template <typename T>
+__attribute__((always_inline)) inline void InputTile(const float* const (&d)[4][4], float* v,
+                                                     int64_t stride, int64_t k) {
+  T r[4][4];
+  for (int i = 0; i < 4; ++i) {  // rows: d . B
+    const T d0 = Load<T>(d[i][0] + k), d1 = Load<T>(d[i][1] + k);
+    const T d2 = Load<T>(d[i][2] + k), d3 = Load<T>(d[i][3] + k);
+    r[i][0] = d0 - d2;
+    r[i][1] = d1 + d2;
+    r[i][2] = d2 - d1;
+    r[i][3] = d1 - d3;
+  }
+  for (int j = 0; j < 4; ++j) {  // columns: B^T . (d . B)
+    Store<T>(v + (0 * 4 + j) * stride + k, r[0][j] - r[2][j]);
+    Store<T>(v + (1 * 4 + j) * stride + k, r[1][j] + r[2][j]);
+    Store<T>(v + (2 * 4 + j) * stride + k, r[2][j] - r[1][j]);
+    Store<T>(v + (3 * 4 + j) * stride + k, r[1][j] - r[3][j]);
+  }
+}
+
+// channels [k, k + lanes) of one tile's products m -> its 2x2 outputs (A^T . m . A), + bias,
+// at least `lo` (0 for a ReLU); outputs past dst's edge (odd sizes) are not stored
+template <typename T>
+__attribute__((always_inline)) inline void OutputTile(const float* m, int64_t stride,
+                                                      const float* bias, T lo,
+                                                      float* const (&y)[2][2],
+                                                      const float* const (&r)[2][2],
+                                                      const bool (&keep)[2][2], int64_t k) {
+  T s[2][4];
+  for (int j = 0; j < 4; ++j) {  // A^T . m
+    const T m0 = Load<T>(m + (0 * 4 + j) * stride + k), m1 = Load<T>(m + (1 * 4 + j) * stride + k);
+    const T m2 = Load<T>(m + (2 * 4 + j) * stride + k), m3 = Load<T>(m + (3 * 4 + j) * stride + k);
+    s[0][j] = m0 + m1 + m2;
+    s[1][j] = m1 - m2 - m3;
+  }
+  const T b = Load<T>(bias + k);
+  for (int p = 0; p < 2; ++p) {  // (A^T . m) . A
+    T y0 = s[p][0] + s[p][1] + s[p][2] + b, y1 = s[p][1] - s[p][2] - s[p][3] + b;
+    if (r[p][0] != nullptr) y0 += Load<T>(r[p][0] + k);  // a residual block's add
+    if (r[p][1] != nullptr) y1 += Load<T>(r[p][1] + k);
+    if (keep[p][0]) Store<T>(y[p][0] + k, y0 > lo ? y0 : lo);
+    if (keep[p][1]) Store<T>(y[p][1] + k, y1 > lo ? y1 : lo);
+  }
+}
+
+// Input tiles [t0, t0 + tc) of src (NHWC, N x H x W x C) into v[16][tc][C]; tiles past the
+// last (the padded end of the last chunk) read zeros.
+__attribute__((target_clones("avx2", "default")))
+void WinoInput(const float* src, float* v, const float* zeros, int64_t t0, int64_t tc,
+               int64_t tiles, int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c,
+               int64_t pt, int64_t pl) {
+#pragma omp parallel for schedule(static)
+  for (int64_t tl = 0; tl < tc; ++tl) {
+    const int64_t t = t0 + tl;
+    const int64_t n = t / (th * tw), ty = t / tw % th, tx = t % tw;
+    const float* d[4][4];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) {
+        const int64_t y = 2 * ty - pt + i, x = 2 * tx - pl + j;
+        d[i][j] = (t < tiles && y >= 0 && y < h && x >= 0 && x < w)
+                      ? src + ((n * h + y) * w + x) * c : zeros;
+      }
+    int64_t k = 0;
+    for (; k + 8 <= c; k += 8) InputTile<F8>(d, v + tl * c, tc * c, k);
+    for (; k < c; ++k) InputTile<float>(d, v + tl * c, tc * c, k);
+  }
+}
+
+// m[16][tc][O] of tiles [t0, t0 + tc) -> their 2x2 outputs in dst (NHWC), + bias
+// (+ residual, of dst's shape), ReLU.
+__attribute__((target_clones("avx2", "default")))
+void WinoOutput(const float* m, const float* bias, const float* residual, float* dst,
+                int64_t t0, int64_t tc,
+                int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t o,
+                bool relu) {
+  const int64_t end = std::min(tc, tiles - t0);
+  const float lo = relu ? 0.f : -INFINITY;
+#pragma omp parallel for schedule(static)
+  for (int64_t tl = 0; tl < end; ++tl) {
+    const int64_t t = t0 + tl;
+    const int64_t n = t / (th * tw), ty = t / tw % th, tx = t % tw;
+    float* y[2][2];
+    const float* r[2][2];
+    bool keep[2][2];
+    for (int p = 0; p < 2; ++p)
+      for (int q = 0; q < 2; ++q) {
+        const int64_t yy = 2 * ty + p, xx = 2 * tx + q;
+        keep[p][q] = yy < oh && xx < ow;
+        const int64_t at = ((n * oh + std::min(yy, oh - 1)) * ow + std::min(xx, ow - 1)) * o;
+        y[p][q] = dst + at;
+        r[p][q] = residual != nullptr ? residual + at : nullptr;
+      }
+    const F8 lo8 = {lo, lo, lo, lo, lo, lo, lo, lo};
+    int64_t k = 0;
+    for (; k + 8 <= o; k += 8) OutputTile<F8>(m + tl * o, tc * o, bias, lo8, y, r, keep, k);
+    for (; k < o; ++k) OutputTile<float>(m + tl * o, tc * o, bias, lo, y, r, keep, k);
+  }
+}
+
+std::shared_ptr<Wino> MakeWino(const TensorView& weight, int64_t tiles) {
+  using tag = dnnl::memory::format_tag;
+  using dt = dnnl::memory::data_type;
+  const int64_t o = weight.size(0), c = weight.size(3);
+  auto wino = std::make_shared<Wino>();
+  // about 8 MB of transformed input per chunk: it and the products stay in the L3 cache
+  // chunks of up to 32 MB of transformed tiles: the matmul's M (tiles per chunk) stays in the
+  // thousands, where oneDNN's AVX2 matmul runs at ~140 GOP/s (8 MB chunks: ~100)
+  const int64_t budget = std::max<int64_t>(64, (32 << 20) / (16 * 4 * std::max(c, o)));
+  const int64_t chunks = (tiles + budget - 1) / budget;
+  wino->tc = (tiles + chunks - 1) / chunks;
+  auto pd = dnnl::matmul::primitive_desc(
+      CpuEngine(), dnnl::memory::desc({16, wino->tc, c}, dt::f32, tag::abc),
+      dnnl::memory::desc({16, c, o}, dt::f32, tag::any),
+      dnnl::memory::desc({16, wino->tc, o}, dt::f32, tag::abc));
+  wino->matmul = dnnl::matmul(pd);
+  // U = G g G^T for every (c, o): [16][C][O]
+  const float* g = static_cast<const float*>(weight.data_ptr());  // OHWI, 3x3
+  dnnl::memory u_user({{16, c, o}, dt::f32, tag::abc}, CpuEngine());
+  float* u = static_cast<float*>(u_user.get_data_handle());
+  for (int64_t oo = 0; oo < o; ++oo)
+    for (int64_t cc = 0; cc < c; ++cc) {
+      float k[3][3], gk[4][3];
+      for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 3; ++j) k[i][j] = g[((oo * 3 + i) * 3 + j) * c + cc];
+      for (int j = 0; j < 3; ++j) {  // G . k
+        gk[0][j] = k[0][j];
+        gk[1][j] = 0.5f * (k[0][j] + k[1][j] + k[2][j]);
+        gk[2][j] = 0.5f * (k[0][j] - k[1][j] + k[2][j]);
+        gk[3][j] = k[2][j];
+      }
+      for (int i = 0; i < 4; ++i) {  // (G . k) . G^T
+        const float row[4] = {gk[i][0], 0.5f * (gk[i][0] + gk[i][1] + gk[i][2]),
+                              0.5f * (gk[i][0] - gk[i][1] + gk[i][2]), gk[i][2]};
+        for (int j = 0; j < 4; ++j) u[((i * 4 + j) * c + cc) * o + oo] = row[j];
+      }
+    }
+  wino->u = dnnl::memory(pd.weights_desc(), CpuEngine());
+  dnnl::stream s(CpuEngine());
+  dnnl::reorder(u_user, wino->u).execute(s, u_user, wino->u);
+  s.wait();
+  wino->fingerprint = Fingerprint(g, weight.numel());
+  return wino;
+}
+
+// The Winograd path of conv2d_nhwc(_add): 3x3 kernels, stride and dilation 1, pads 0 or 1;
+// shapes were checked by RunF32.
+void RunWinograd(const TensorView& src, const TensorView& weight, const TensorView& bias,
+                 const TensorView* residual, int64_t pt, int64_t pl, int64_t pb, int64_t pr,
+                 bool relu, const TensorView& dst) {
+  const int64_t n = src.size(0), h = src.size(1), w = src.size(2), c = src.size(3);
+  const int64_t o = weight.size(0), oh = dst.size(1), ow = dst.size(2);
+  TVM_FFI_ICHECK(weight.size(1) == 3 && weight.size(2) == 3 && std::max({pt, pl, pb, pr}) <= 1 &&
+                 std::min({pt, pl, pb, pr}) >= 0 && oh == h + pt + pb - 2 &&
+                 ow == w + pl + pr - 2)
+      << "winograd: 3x3 kernels, stride 1, dilation 1, pads 0 or 1 only";
+  const int64_t th = (oh + 1) / 2, tw = (ow + 1) / 2, tiles = n * th * tw;
+  std::ostringstream key;
+  key << n << ',' << h << ',' << w << ',' << c << ';' << o << ';' << pt << pl << pb << pr << ';'
+      << weight.data_ptr();
+  std::shared_ptr<Wino> wino;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    auto fp = Fingerprint(static_cast<const float*>(weight.data_ptr()), weight.numel());
+    auto it = g_wino.find(key.str());
+    if (it != g_wino.end() && it->second->fingerprint == fp) {
+      wino = it->second;
+    } else {
+      wino = MakeWino(weight, tiles);
+      g_wino[key.str()] = wino;
+    }
+  }
+  const int64_t tc = wino->tc;
+  // per calling thread: engines may run on several threads at once
+  thread_local std::vector<float> v, m, zeros;
+  if (static_cast<int64_t>(v.size()) < 16 * tc * c) v.resize(16 * tc * c);
+  if (static_cast<int64_t>(m.size()) < 16 * tc * o) m.resize(16 * tc * o);
+  if (static_cast<int64_t>(zeros.size()) < c) zeros.assign(c, 0.f);
+  using dt = dnnl::memory::data_type;
+  using tag = dnnl::memory::format_tag;
+  auto& eng = CpuEngine();
+  dnnl::stream s(eng);
+  dnnl::memory v_m({{16, tc, c}, dt::f32, tag::abc}, eng, v.data());
+  dnnl::memory m_m({{16, tc, o}, dt::f32, tag::abc}, eng, m.data());
+  const float* in = static_cast<const float*>(src.data_ptr());
+  const float* res = residual ? static_cast<const float*>(residual->data_ptr()) : nullptr;
+  for (int64_t t0 = 0; t0 < tiles; t0 += tc) {
+    WinoInput(in, v.data(), zeros.data(), t0, tc, tiles, th, tw, h, w, c, pt, pl);
+    wino->matmul.execute(s, {{DNNL_ARG_SRC, v_m}, {DNNL_ARG_WEIGHTS, wino->u},
+                             {DNNL_ARG_DST, m_m}});
+    s.wait();
+    WinoOutput(m.data(), static_cast<const float*>(bias.data_ptr()), res,
+               static_cast<float*>(dst.data_ptr()), t0, tc, tiles, th, tw, oh, ow, o, relu);
+  }
+}
+
 // conv2d_nhwc(src NHWC, weight OHWI, bias (O), strides, pads (top, left, bottom, right),
-//             dilations, relu, bf16, dst NHWC)
+//             dilations, relu, compute, dst NHWC); compute: 0 float32, 1 bfloat16, 2 float32
+//             Winograd (3x3, stride 1, dilation 1, pads 0 or 1)
 // conv2d_nhwc_add: the same with a float32 residual of dst's shape added before the ReLU (a
 // residual block's conv -> add -> relu in one pass over dst), the argument before dst
 void RunF32(TensorView src, TensorView weight, TensorView bias, const TensorView* residual,
             int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t dh,
-            int64_t dw, int64_t relu, int64_t bf16, TensorView dst) {
+            int64_t dw, int64_t relu, int64_t compute, TensorView dst) {
   CheckF32(src, "src", 4);
   CheckF32(weight, "weight", 4);
   CheckF32(bias, "bias", 1);
@@ -195,6 +426,15 @@ void RunF32(TensorView src, TensorView weight, TensorView bias, const TensorView
   TVM_FFI_ICHECK(weight.size(3) == src.size(3)) << "weight OHWI input channels "
       << weight.size(3) << " != src channels " << src.size(3) << " (groups are not supported)";
   TVM_FFI_ICHECK(bias.size(0) == weight.size(0) && dst.size(3) == weight.size(0));
+  TVM_FFI_ICHECK(compute >= 0 && compute <= 2) << "compute must be 0 (float32), 1 (bfloat16) "
+      "or 2 (float32 Winograd), got " << compute;
+  if (compute == 2) {
+    TVM_FFI_ICHECK(sh == 1 && sw == 1 && dh == 1 && dw == 1)
+        << "winograd: stride 1 and dilation 1 only";
+    RunWinograd(src, weight, bias, residual, pt, pl, pb, pr, relu != 0, dst);
+    return;
+  }
+  const int64_t bf16 = compute;
   std::ostringstream key;
   key << src.size(0) << ',' << src.size(1) << ',' << src.size(2) << ',' << src.size(3) << ';'
       << weight.size(0) << ',' << weight.size(1) << ',' << weight.size(2) << ';' << dst.size(1)
@@ -229,14 +469,14 @@ void RunF32(TensorView src, TensorView weight, TensorView bias, const TensorView
 
 void Conv2dNHWC(TensorView src, TensorView weight, TensorView bias, int64_t sh, int64_t sw,
                 int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t dh, int64_t dw,
-                int64_t relu, int64_t bf16, TensorView dst) {
-  RunF32(src, weight, bias, nullptr, sh, sw, pt, pl, pb, pr, dh, dw, relu, bf16, dst);
+                int64_t relu, int64_t compute, TensorView dst) {
+  RunF32(src, weight, bias, nullptr, sh, sw, pt, pl, pb, pr, dh, dw, relu, compute, dst);
 }
 
 void Conv2dNHWCAdd(TensorView src, TensorView weight, TensorView bias, int64_t sh, int64_t sw,
                    int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t dh, int64_t dw,
-                   int64_t relu, int64_t bf16, TensorView residual, TensorView dst) {
-  RunF32(src, weight, bias, &residual, sh, sw, pt, pl, pb, pr, dh, dw, relu, bf16, dst);
+                   int64_t relu, int64_t compute, TensorView residual, TensorView dst) {
+  RunF32(src, weight, bias, &residual, sh, sw, pt, pl, pb, pr, dh, dw, relu, compute, dst);
 }
 
 bool IsDtype(const TensorView& t, DLDataTypeCode code, int bits) {
@@ -455,7 +695,7 @@ void NHWCToNCHW(TensorView src, TensorView dst) {
 
 int64_t CacheSize() {
   std::lock_guard<std::mutex> lock(g_mu);
-  return static_cast<int64_t>(g_cache.size());
+  return static_cast<int64_t>(g_cache.size() + g_wino.size());
 }
 
 // oneDNN (GNU OpenMP build) threads for convolutions issued from the calling thread.
@@ -468,6 +708,7 @@ void SetVerbose(int64_t level) { dnnl::set_verbose(static_cast<int>(level)); }
 void ClearCache() {
   std::lock_guard<std::mutex> lock(g_mu);
   g_cache.clear();
+  g_wino.clear();
 }
 
 }  // namespace
