@@ -81,6 +81,7 @@ class TvmRunner(Runner):
         import statistics
         import time
 
+        from ..engine.compile import winograd_gop
         from ..engine.kernels import (
             CONV2D_NHWC,
             CONV2D_NHWC_ADD,
@@ -131,9 +132,9 @@ class TvmRunner(Runner):
             if symbol in (CONV2D_NHWC_ADD, CONV2D_NHWC_INT8_ADD):
                 name = name.replace(" +relu", "") + " +add+relu"
             executed = None
-            if name.startswith("Winograd"):  # 16 products per 2x2 tile of the output
+            if name.startswith("Winograd"):
                 n, oh, ow, co = shapes[-1]
-                executed = 2 * 16 * n * -(-oh // 2) * -(-ow // 2) * shapes[1][3] * co / 1e9
+                executed = n * winograd_gop(oh, ow, shapes[1][3], co)
             out.append(OpTime(i, name, "conv" if conv else symbol.rstrip("0123456789_"),
                               ms, tuple(shapes[:-1]), shapes[-1] if shapes else None,
                               shapes[1] if conv else None, executed))

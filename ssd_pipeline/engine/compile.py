@@ -253,13 +253,25 @@ def offload_glue(mod: Any) -> Any:
     return mod
 
 
+def winograd_gop(oh: int, ow: int, c: int, o: int) -> float:
+    """GOP (2 x MACs) of one image's Winograd F(2x2, 3x3) convolution: 16 products per 2x2
+    output tile, where the direct convolution does 36."""
+    return 2 * 16 * -(-oh // 2) * -(-ow // 2) * c * o / 1e9
+
+
+def _is_winograd(call: Any) -> bool:
+    """``call`` (a ``call_dps_packed``) is a float convolution the shim runs as Winograd."""
+    from .kernels import CONV2D_NHWC, CONV2D_NHWC_ADD
+
+    return (getattr(call.args[0], "global_symbol", None) in (CONV2D_NHWC, CONV2D_NHWC_ADD)
+            and int(call.args[1].fields[COMPUTE_ARG].value) == COMPUTE_WINOGRAD)
+
+
 def count_ops(mod: Any) -> dict[str, int]:
     """Relax operator histogram of ``main``, offloaded calls by the function they call (shows
     what was offloaded), float convolutions run as Winograd under ``<function>:winograd``."""
     import tvm
     from tvm import relax
-
-    from .kernels import CONV2D_NHWC, CONV2D_NHWC_ADD
 
     counts: dict[str, int] = {}
 
@@ -268,9 +280,7 @@ def count_ops(mod: Any) -> dict[str, int]:
             name = e.op.name
             if name == "relax.call_dps_packed":
                 name = getattr(e.args[0], "global_symbol", name)
-                if name in (CONV2D_NHWC, CONV2D_NHWC_ADD) and \
-                        int(e.args[1].fields[COMPUTE_ARG].value) == COMPUTE_WINOGRAD:
-                    name += ":winograd"
+                name += ":winograd" if _is_winograd(e) else ""
             counts[name] = counts.get(name, 0) + 1
 
     relax.analysis.post_order_visit(mod["main"], visit)
@@ -279,32 +289,26 @@ def count_ops(mod: Any) -> dict[str, int]:
 
 def winograd_record(mod: Any) -> dict[str, Any] | None:
     """How many convolutions run as Winograd, and the GOP per image they do against what their
-    direct form does (2 x MACs: 16 products per 2x2 output tile, not 9 per output). Perf
-    records read their GOP/s against the peak by what the engine executes, so a Winograd
-    engine's img/s never reads as more than the chip can compute. None when none."""
+    direct form does. Perf records read their GOP/s against the peak by what the engine
+    executes, so a Winograd engine's img/s never reads as more than the chip can compute.
+    None when none."""
     import tvm
     from tvm import relax
-
-    from .kernels import CONV2D_NHWC, CONV2D_NHWC_ADD
 
     found: list[tuple[int, int, int, int]] = []
 
     def visit(e: Any) -> None:
         if (isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op)
-                and e.op.name == "relax.call_dps_packed"
-                and getattr(e.args[0], "global_symbol", None) in (CONV2D_NHWC, CONV2D_NHWC_ADD)
-                and int(e.args[1].fields[COMPUTE_ARG].value) == COMPUTE_WINOGRAD):
+                and e.op.name == "relax.call_dps_packed" and _is_winograd(e)):
             o, _, _, c = (int(d) for d in e.args[1].fields[1].ty.shape)
-            oh, ow = (int(e.ty.shape[i]) for i in (1, 2))
-            found.append((oh, ow, c, o))
+            found.append((int(e.ty.shape[1]), int(e.ty.shape[2]), c, o))
 
     relax.analysis.post_order_visit(mod["main"], visit)
     if not found:
         return None
-    direct = sum(2 * oh * ow * c * o * 9 for oh, ow, c, o in found)
-    executed = sum(2 * 16 * -(-oh // 2) * -(-ow // 2) * c * o for oh, ow, c, o in found)
-    return {"convolutions": len(found), "direct_gop_per_image": round(direct / 1e9, 4),
-            "executed_gop_per_image": round(executed / 1e9, 4)}
+    direct = sum(2 * oh * ow * c * o * 9 for oh, ow, c, o in found) / 1e9
+    return {"convolutions": len(found), "direct_gop_per_image": round(direct, 4),
+            "executed_gop_per_image": round(sum(winograd_gop(*f) for f in found), 4)}
 
 
 def _cuda_pipeline(mod: Any, spec: EngineSpec, target: Any) -> Any:

@@ -80,19 +80,26 @@ struct Conv {
 };
 
 std::mutex g_mu;
-std::unordered_map<std::string, std::shared_ptr<Conv>> g_cache;
 
-// The cached primitive for `key`, made by `make` when absent or when other weights now sit at
-// the same address (their fingerprint differs).
+// One cache per kind of entry (primitives, Winograd weights), behind g_mu.
+template <typename Entry>
+std::unordered_map<std::string, std::shared_ptr<Entry>>& CacheOf() {
+  static std::unordered_map<std::string, std::shared_ptr<Entry>> cache;
+  return cache;
+}
+
+// The cached entry for `key`, made by `make` when absent or when other weights now sit at the
+// same address (their fingerprint differs).
 template <typename Make>
-std::shared_ptr<Conv> Cached(const std::string& key, const std::vector<float>& fingerprint,
-                             Make make) {
+auto Cached(const std::string& key, const std::vector<float>& fingerprint, Make make)
+    -> decltype(make()) {
+  auto& cache = CacheOf<typename decltype(make())::element_type>();
   std::lock_guard<std::mutex> lock(g_mu);
-  auto it = g_cache.find(key);
-  if (it != g_cache.end() && it->second->fingerprint == fingerprint) return it->second;
-  auto conv = make();
-  g_cache[key] = conv;
-  return conv;
+  auto it = cache.find(key);
+  if (it != cache.end() && it->second->fingerprint == fingerprint) return it->second;
+  auto entry = make();
+  cache[key] = entry;
+  return entry;
 }
 
 // Shapes of one NHWC convolution call; a pointwise one runs as a matmul.
@@ -191,8 +198,6 @@ struct Wino {
   std::vector<float> fingerprint;
   int64_t tc = 0;  // tiles per chunk (the last chunk is padded with unused tiles)
 };
-
-std::unordered_map<std::string, std::shared_ptr<Wino>> g_wino;
 
 // 8 floats (AVX2's ymm where the target_clones below allow it, else two SSE registers) or 1:
 // the transforms run on whole vectors of channels, then on the remainder.
@@ -370,18 +375,9 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
   std::ostringstream key;
   key << n << ',' << h << ',' << w << ',' << c << ';' << o << ';' << pt << pl << pb << pr << ';'
       << weight.data_ptr();
-  std::shared_ptr<Wino> wino;
-  {
-    std::lock_guard<std::mutex> lock(g_mu);
-    auto fp = Fingerprint(static_cast<const float*>(weight.data_ptr()), weight.numel());
-    auto it = g_wino.find(key.str());
-    if (it != g_wino.end() && it->second->fingerprint == fp) {
-      wino = it->second;
-    } else {
-      wino = MakeWino(weight, tiles);
-      g_wino[key.str()] = wino;
-    }
-  }
+  auto wino = Cached(key.str(),
+                     Fingerprint(static_cast<const float*>(weight.data_ptr()), weight.numel()),
+                     [&] { return MakeWino(weight, tiles); });
   const int64_t tc = wino->tc;
   // per calling thread: engines may run on several threads at once
   thread_local std::vector<float> v, m, zeros;
@@ -695,7 +691,7 @@ void NHWCToNCHW(TensorView src, TensorView dst) {
 
 int64_t CacheSize() {
   std::lock_guard<std::mutex> lock(g_mu);
-  return static_cast<int64_t>(g_cache.size() + g_wino.size());
+  return static_cast<int64_t>(CacheOf<Conv>().size() + CacheOf<Wino>().size());
 }
 
 // oneDNN (GNU OpenMP build) threads for convolutions issued from the calling thread.
@@ -707,8 +703,8 @@ void SetVerbose(int64_t level) { dnnl::set_verbose(static_cast<int>(level)); }
 
 void ClearCache() {
   std::lock_guard<std::mutex> lock(g_mu);
-  g_cache.clear();
-  g_wino.clear();
+  CacheOf<Conv>().clear();
+  CacheOf<Wino>().clear();
 }
 
 }  // namespace
