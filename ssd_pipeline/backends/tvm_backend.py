@@ -17,15 +17,21 @@ if TYPE_CHECKING:
     from ..engine.compile import Engine, EngineSpec
 
 
-def conv_label(weight_ohwi: tuple[int, ...], ints: list[int]) -> str:
-    """``oneDNN conv 3x3 s1 d6 512->1024 +relu`` from the shim call's weight shape and its
-    integer arguments (strides 2, padding 4, dilation 2, relu, and for float calls compute);
-    ``Winograd conv ...`` for the shim's Winograd path (its products on oneDNN's matmul)."""
+def is_winograd(ints: list[int]) -> bool:
+    """The shim call's integer arguments (strides 2, padding 4, dilation 2, relu, and for
+    float calls compute) ask for its Winograd path."""
     from ..engine.compile import COMPUTE_WINOGRAD
 
+    return len(ints) > 9 and ints[9] == COMPUTE_WINOGRAD
+
+
+def conv_label(weight_ohwi: tuple[int, ...], ints: list[int]) -> str:
+    """``oneDNN conv 3x3 s1 d6 512->1024 +relu`` from the shim call's weight shape and its
+    integer arguments; ``Winograd conv ...`` for the shim's Winograd path (its products on
+    oneDNN's matmul)."""
     co, kh, kw, ci = weight_ohwi
     stride, dilation, relu = ints[0], ints[6], ints[8]
-    how = "Winograd" if len(ints) > 9 and ints[9] == COMPUTE_WINOGRAD else "oneDNN"
+    how = "Winograd" if is_winograd(ints) else "oneDNN"
     return (f"{how} conv {kh}x{kw} s{stride}" + (f" d{dilation}" if dilation > 1 else "")
             + f" {ci}->{co}" + (" +relu" if relu else ""))
 
@@ -132,7 +138,7 @@ class TvmRunner(Runner):
             if symbol in (CONV2D_NHWC_ADD, CONV2D_NHWC_INT8_ADD):
                 name = name.replace(" +relu", "") + " +add+relu"
             executed = None
-            if name.startswith("Winograd"):
+            if conv and is_winograd(ints):
                 n, oh, ow, co = shapes[-1]
                 executed = n * winograd_gop(oh, ow, shapes[1][3], co)
             out.append(OpTime(i, name, "conv" if conv else symbol.rstrip("0123456789_"),
