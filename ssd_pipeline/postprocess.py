@@ -94,6 +94,12 @@ def grouped_nms(boxes: Any, scores: Any, iou_threshold: float, offset: int = 0,
     return torch.cat((boxes[inds], scores[inds].reshape(-1, 1)), dim=1), inds
 
 
+def _writable_f32(a: np.ndarray) -> np.ndarray:
+    """``a`` as float32 that torch may wrap (torch warns on read-only arrays): itself when it
+    already is, strides kept, else a copy."""
+    return a if a.dtype == np.float32 and a.flags.writeable else np.array(a, np.float32)
+
+
 def _chunks(bounds: list[int], size: int) -> list[tuple[int, int]]:
     """Consecutive groups (``bounds``: their edges) joined into runs of at most ``size`` boxes
     (a larger group runs alone): each kernel call costs ~60 us before its first IoU."""
@@ -160,8 +166,9 @@ class Postprocessor:
         import torch
 
         n = len(metas)
-        tensors = [torch.from_numpy(np.ascontiguousarray(o[:n], dtype=np.float32))
-                   for o in outputs]
+        # no copy where the layout allows: a TVM engine hands NCHW views of channels-last
+        # heads, which mmdet's permute(1, 2, 0).reshape reads without copying
+        tensors = [torch.from_numpy(_writable_f32(o[:n])) for o in outputs]
         cls, box = tensors[: self.num_levels], tensors[self.num_levels:]
         with torch.inference_mode():
             results = self.head.predict_by_feat(

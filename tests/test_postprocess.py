@@ -102,3 +102,23 @@ def test_postprocessor_detections_equal_mmcv_nms(model_name, bundles, sample_bat
         assert sum(map(len, want)) > 0, "no detections: nothing compared"
         assert_same_detections(got, want)
 
+
+
+def test_postprocessor_reads_channels_last_views_as_is(model_name, bundles, sample_batch,
+                                                      head_outputs):
+    """A TVM engine hands its heads as NCHW views of channels-last buffers, which the
+    post-processing wraps without a copy; read-only and float64 heads are copied. The
+    detections are the same as from contiguous NCHW arrays."""
+    b = bundles(model_name)
+    post = b.postprocessor()
+    outputs = head_outputs(model_name, "torch")
+    views = [np.ascontiguousarray(o.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+             for o in outputs]
+    assert not any(v.flags.c_contiguous for v in views if v.shape[2] * v.shape[3] > 1)
+    read_only = [o.copy() for o in outputs]
+    for o in read_only:
+        o.flags.writeable = False
+    want = post(outputs, sample_batch.metas)
+    assert sum(map(len, want)) > 0, "no detections: nothing compared"
+    for outs in (views, read_only, [o.astype(np.float64) for o in outputs]):
+        assert_same_detections(post(outs, sample_batch.metas), want)

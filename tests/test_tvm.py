@@ -62,8 +62,8 @@ def test_every_convolution_is_offloaded(model_name, bundles):
     from ssd_pipeline.engine.kernels import (
         CONV2D_NHWC,
         CONV2D_NHWC_ADD,
+        L2NORM_NHWC,
         MAX_POOL2D_NHWC,
-        NHWC_TO_NCHW,
     )
 
     b = bundles(model_name)
@@ -76,7 +76,11 @@ def test_every_convolution_is_offloaded(model_name, bundles):
                      for how in ("", ":winograd"))
     assert shim_convs == convs, (ops, convs)
     assert ops.get(MAX_POOL2D_NHWC) == pools > 0, (ops, pools)
-    assert ops.get(NHWC_TO_NCHW, 0) >= 2, ops  # at least the two 38x38 head outputs
+    # L2Norm is one shim call and the heads come back channels-last: the one permute left
+    # is the input's NCHW -> NHWC
+    assert ops.get(L2NORM_NHWC) == 1 and ops.get("relax.permute_dims") == 1, ops
+    assert not {"relax.power", "relax.sum", "relax.divide"} & set(ops), ops
+    assert set(b.runner("tvm").engine.record["output_layouts"]) == {"NHWC"}
     # every ReLU follows a convolution or a residual block's add, and runs inside its call
     assert "relax.nn.relu" not in ops, ops
 
@@ -352,6 +356,33 @@ def test_shim_max_pool_and_permute_equal_torch(store, dtype, k, stride, pad, cei
     nchw = tvm.runtime.tensor(np.zeros(x.transpose(0, 3, 1, 2).shape, dtype))
     mod.nhwc_to_nchw(tvm.runtime.tensor(x), nchw)
     np.testing.assert_array_equal(nchw.numpy(), x.transpose(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("c", [32, 37])  # whole 8-wide vectors; a remainder
+def test_shim_l2norm_equals_mmdet(store, c):
+    """l2norm_nhwc against mmdet's own L2Norm module (the model's neck) on the same values
+    in NCHW; a weight that does not fit the channels is refused in one line."""
+    import numpy as np
+    import torch
+    import tvm
+    from mmdet.models.necks.ssd_neck import L2Norm
+
+    from ssd_pipeline.engine.kernels import build_shim, load_shim
+
+    mod = load_shim(str(build_shim(store)))
+    rng = np.random.default_rng(c)
+    x = (rng.standard_normal((2, 13, 11, c)) * 3).astype(np.float32)
+    x[0, 0, 0] = 0  # a zero pixel: eps keeps it finite
+    norm = L2Norm(c, scale=20.0)
+    with torch.no_grad():
+        norm.weight.copy_(torch.from_numpy(rng.uniform(1, 30, c).astype(np.float32)))
+        ref = norm(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    out = tvm.runtime.tensor(np.zeros_like(x))
+    weight = norm.weight.detach().numpy()
+    mod.l2norm_nhwc(tvm.runtime.tensor(x), tvm.runtime.tensor(weight), norm.eps, out)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=2e-6, atol=1e-6)
+    with pytest.raises(Exception, match="weight must have one value per channel"):
+        mod.l2norm_nhwc(tvm.runtime.tensor(x), tvm.runtime.tensor(weight[:-1]), norm.eps, out)
 
 
 @pytest.mark.parametrize("kh, stride, pad, dilation, relu, dst_u8", [

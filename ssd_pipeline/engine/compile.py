@@ -31,7 +31,7 @@ from ..core.host import cpu_flags, default_threads, host_cpu
 from ..core.onnxfile import load_onnx
 
 # Bump when the pass pipeline changes: it is part of every engine's cache key.
-PIPELINE_VERSION = 7
+PIPELINE_VERSION = 8
 ENGINE_FILE = "engine.so"
 META_FILE = "engine.json"
 INPUT_CHW = (3, 300, 300)
@@ -249,7 +249,86 @@ def offload_glue(mod: Any) -> Any:
             return expr
         return relax.call_dps_packed(NHWC_TO_NCHW, [m[x]], out_ty=expr.ty)
 
-    mod["main"] = rewrite_call(pool | permute, rewrite, mod["main"])
+    mod["main"] = rewrite_call(pool | permute, rewrite, offload_l2norm(mod)["main"])
+    return mod
+
+
+def nhwc_heads(mod: Any) -> tuple[Any, list[str]]:
+    """The graph's outputs that are NHWC -> NCHW permutes of a tensor (the heads after the
+    layout pass) are returned as that NHWC tensor; the layout of each output, for the runner,
+    which hands NCHW views of them (no copy: mmdet's post-processing permutes the heads back
+    to channels-last). Each permute was one call and one copy per head per batch."""
+    import tvm
+    from tvm import relax
+
+    func = mod["main"]
+    bound = relax.analysis.get_var2val(func)
+    body = func.body.body
+    heads = bound.get(body) if isinstance(body, relax.Var) else body
+    if not isinstance(heads, relax.Tuple):
+        return mod, ["NCHW"]
+    fields, layouts = [], []
+    for f in heads.fields:
+        src = bound.get(f)
+        if (isinstance(src, relax.Call) and isinstance(src.op, tvm.ir.Op)
+                and src.op.name == "relax.permute_dims" and src.attrs.axes is not None
+                and [*map(int, src.attrs.axes)] == [0, 3, 1, 2]):
+            fields.append(src.args[0])
+            layouts.append("NHWC")
+        else:
+            fields.append(f)
+            layouts.append("NCHW")
+
+    @relax.expr_functor.mutator
+    class Heads(relax.PyExprMutator):  # type: ignore[misc]
+        def visit_tuple_(self, op: Any) -> Any:
+            if op.same_as(heads):
+                return relax.Tuple([self.visit_expr(f) for f in fields])
+            return super().visit_tuple_(op)
+
+    mod["main"] = Heads().visit_expr(func)
+    return relax.transform.DeadCodeElimination()(mod), layouts
+
+
+def offload_l2norm(mod: Any) -> Any:
+    """SSD's L2Norm on an NHWC tensor, which the layout pass leaves in NCHW between permutes
+    (``w * permute(x) / permute(sqrt(sum(x^2)) + eps)``, then back to NHWC), becomes one shim
+    call on the NHWC tensor: seven one-thread TVM kernels and two permutes become one
+    threaded pass."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+
+    from .kernels import L2NORM_NHWC
+
+    x, two, eps, w, shape = wildcard(), is_const(), is_const(), is_const(), wildcard()
+    total = is_op("relax.sum")(is_op("relax.power")(x, two))
+    norm_t = is_op("relax.permute_dims")(is_op("relax.add")(is_op("relax.sqrt")(total), eps))
+    wx = is_op("relax.broadcast_to")(w, shape)
+    xt = is_op("relax.permute_dims")(x)
+    scaled = is_op("relax.multiply")(wx, xt) | is_op("relax.multiply")(xt, wx)
+    out = is_op("relax.permute_dims")(is_op("relax.divide")(scaled, norm_t))
+
+    def axes(e: Any) -> list[int]:
+        return [*map(int, e.attrs.axes)] if e.attrs.axes is not None else []
+
+    def rewrite(expr: Any, m: Any) -> Any:
+        ty, c = m[x].ty, m[x].ty.shape[3] if m[x].ty.ndim == 4 else None
+        weight, s = m[w].value.numpy(), m[total]
+        if (str(ty.dtype) != "float32" or not isinstance(c, tvm.tirx.IntImm)
+                or weight.ndim < 3 or weight.size != int(c) or weight.shape[-3] != int(c)
+                or float(m[two].value.numpy()) != 2.0 or m[eps].value.numpy().size != 1
+                or [*map(int, s.attrs.axis)] != [3] or not s.attrs.keepdims
+                or axes(m[xt]) != [0, 3, 1, 2] or axes(m[norm_t]) != [0, 3, 1, 2]
+                or axes(expr) != [0, 2, 3, 1]):
+            return expr
+        e = float(m[eps].value.numpy().reshape(()))
+        return relax.call_dps_packed(
+            L2NORM_NHWC, [m[x], relax.const(weight.reshape(-1).astype(np.float32)),
+                          relax.prim_value(tvm.tirx.FloatImm("float64", e))], out_ty=ty)
+
+    mod["main"] = rewrite_call(out, rewrite, mod["main"])
     return mod
 
 
@@ -357,7 +436,9 @@ def build_engine(onnx_path: str | Path, spec: EngineSpec, out_dir: str | Path,
                                                  "images_source")}
     elif spec.offload == "dnnl":
         mod = offload_convolutions(mod, spec.precision == "bf16", spec.winograd)
+    layouts = None
     if spec.offload == "dnnl":
+        mod, layouts = nhwc_heads(mod)
         mod = offload_glue(mod)
     ops = count_ops(mod)
     winograd = winograd_record(mod) if spec.winograd else None
@@ -367,7 +448,8 @@ def build_engine(onnx_path: str | Path, spec: EngineSpec, out_dir: str | Path,
     ex.export_library(str(out_dir / ENGINE_FILE))
     record = {"spec": spec.key(), "onnx_sha256": file_sha256(onnx_path),
               "shim_sha256": file_sha256(shim) if spec.offload == "dnnl" else None,
-              "input_chw": list(INPUT_CHW), "outputs": outputs, "relax_ops": ops,
+              "input_chw": list(INPUT_CHW), "outputs": outputs,
+              "output_layouts": layouts or ["NCHW"] * len(outputs), "relax_ops": ops,
               "quantization": quantization, "winograd": winograd,
               "compile_s": round(time.perf_counter() - t0, 3)}
     (out_dir / META_FILE).write_text(json.dumps(record, indent=1))

@@ -25,6 +25,7 @@ CONV2D_NHWC_INT8 = "ssd_pipeline.dnnl.conv2d_nhwc_int8"
 CONV2D_NHWC_INT8_ADD = "ssd_pipeline.dnnl.conv2d_nhwc_int8_add"
 MAX_POOL2D_NHWC = "ssd_pipeline.dnnl.max_pool2d_nhwc"
 NHWC_TO_NCHW = "ssd_pipeline.dnnl.nhwc_to_nchw"
+L2NORM_NHWC = "ssd_pipeline.dnnl.l2norm_nhwc"
 
 
 def _onednn_prefix() -> Path:
@@ -89,4 +90,5 @@ def load_shim(path: str) -> Any:
     tvm_ffi.register_global_func(CONV2D_NHWC_INT8_ADD, mod.conv2d_nhwc_int8_add, override=True)
     tvm_ffi.register_global_func(MAX_POOL2D_NHWC, mod.max_pool2d_nhwc, override=True)
     tvm_ffi.register_global_func(NHWC_TO_NCHW, mod.nhwc_to_nchw, override=True)
+    tvm_ffi.register_global_func(L2NORM_NHWC, mod.l2norm_nhwc, override=True)
     return mod

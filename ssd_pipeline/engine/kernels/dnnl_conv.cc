@@ -689,6 +689,47 @@ void NHWCToNCHW(TensorView src, TensorView dst) {
   ExecuteSrcDst(*r, src, dst);
 }
 
+// l2norm_nhwc(src NHWC f32, weight (C) f32, eps, dst NHWC f32): SSD's L2Norm on the layout
+// the convolutions write, dst = weight * src / (sqrt(sum over C of src^2) + eps) per pixel, in
+// the ONNX graph's order of operations. Relax's version runs as seven one-thread kernels in NCHW
+// between two permutes; this is one pass over the pixels on oneDNN's threads.
+__attribute__((target_clones("avx2", "default")))
+void L2NormPixels(const float* src, const float* w, float eps, float* dst, int64_t pixels,
+                  int64_t c) {
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < pixels; ++p) {
+    const float* x = src + p * c;
+    float* y = dst + p * c;
+    F8 acc = {};
+    int64_t k = 0;
+    for (; k + 8 <= c; k += 8) {
+      const F8 v = Load<F8>(x + k);
+      acc += v * v;
+    }
+    float sum = 0.f;
+    for (int i = 0; i < 8; ++i) sum += acc[i];
+    for (; k < c; ++k) sum += x[k] * x[k];
+    const float n = std::sqrt(sum) + eps;
+    k = 0;
+    for (; k + 8 <= c; k += 8) Store<F8>(y + k, Load<F8>(w + k) * Load<F8>(x + k) / n);
+    for (; k < c; ++k) y[k] = w[k] * x[k] / n;
+  }
+}
+
+void L2NormNHWC(TensorView src, TensorView weight, double eps, TensorView dst) {
+  CheckF32(src, "src", 4);
+  CheckF32(weight, "weight", 1);
+  CheckF32(dst, "dst", 4);
+  for (int i = 0; i < 4; ++i)
+    TVM_FFI_ICHECK(dst.size(i) == src.size(i)) << "dst must have src's shape";
+  TVM_FFI_ICHECK(weight.size(0) == src.size(3)) << "weight must have one value per channel ("
+                                                << src.size(3) << "), got " << weight.size(0);
+  L2NormPixels(static_cast<const float*>(src.data_ptr()),
+               static_cast<const float*>(weight.data_ptr()), static_cast<float>(eps),
+               static_cast<float*>(dst.data_ptr()), src.size(0) * src.size(1) * src.size(2),
+               src.size(3));
+}
+
 int64_t CacheSize() {
   std::lock_guard<std::mutex> lock(g_mu);
   return static_cast<int64_t>(CacheOf<Conv>().size() + CacheOf<Wino>().size());
@@ -715,6 +756,7 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(conv2d_nhwc_int8, Conv2dNHWCInt8);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(conv2d_nhwc_int8_add, Conv2dNHWCInt8Add);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(max_pool2d_nhwc, MaxPool2dNHWC);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(nhwc_to_nchw, NHWCToNCHW);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(l2norm_nhwc, L2NormNHWC);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cache_size, CacheSize);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(clear_cache, ClearCache);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(set_num_threads, SetNumThreads);
