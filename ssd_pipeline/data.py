@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -247,7 +248,20 @@ def batches(records: list[ImageRecord], batch_size: int, settings: PreprocessSet
             fill()
             n = len(items)
             arrays = [a for a, _ in items] + [items[-1][0]] * (batch_size - n)
-            yield Batch(np.stack(arrays), [m for _, m in items], n)
+            yield Batch(np.stack(arrays, out=aligned_empty((batch_size, *arrays[0].shape))),
+                        [m for _, m in items], n)
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any = np.float32,
+                  alignment: int = 64) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an ``alignment``-byte
+    boundary. numpy's own are 16-byte aligned; TVM wraps a batch without copying it only from
+    64 (it copied 1 MB per image, 0.3 ms of the embedded model's 5 ms at batch 1)."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")

@@ -137,6 +137,32 @@ def test_winograd_engine_equals_direct_engine(artifacts, sample_batch, expectati
                       expectations.number("parity.fp32.raw_rel_err_max"), "Winograd vs direct")
 
 
+def test_aligned_batches_run_without_a_copy(bundles, sample_batch, monkeypatch):
+    """The suite's batches are 64-byte aligned and the runner hands them to TVM as they are;
+    a batch TVM cannot wrap (numpy's own 16-byte alignment) is copied, with the same result."""
+    import numpy as np
+    import tvm
+
+    from ssd_pipeline.data import aligned_empty
+
+    runner = bundles("tiny").runner("tvm")
+    batch = sample_batch.array
+    assert batch.ctypes.data % 64 == 0 and aligned_empty((3, 5), np.uint8).ctypes.data % 64 == 0
+    copies: list[int] = []
+    copy = tvm.runtime.tensor
+    monkeypatch.setattr(tvm.runtime, "tensor", lambda *a, **k: copies.append(1) or copy(*a, **k))
+    want = [o.copy() for o in runner.run(batch)]
+    assert not copies
+    raw = np.empty(batch.size + 16, np.float32)
+    start = next(i for i in range(16) if (raw.ctypes.data + 4 * i) % 64 == 16)
+    unaligned = raw[start:start + batch.size].reshape(batch.shape)
+    unaligned[...] = batch
+    got = runner.run(unaligned)
+    assert copies == [1]
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_engine_is_built_once_and_reused(artifacts, store, model_spec, expectations):
     from ssd_pipeline.artifacts.chain import ModelArtifacts
 

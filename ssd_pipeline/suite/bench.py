@@ -19,7 +19,7 @@ import numpy as np
 from ..backends import Runner
 from ..core.host import machine_info
 from ..core.timing import conv_gflop_per_image, measure, rounds_for, summarize
-from ..data import ImageRecord, PreprocessSettings, batches
+from ..data import ImageRecord, PreprocessSettings, aligned_empty, batches
 from ..engine.peak import Ceiling, measure_ceilings
 from ..postprocess import Postprocessor
 from .evaluate import predict
@@ -95,7 +95,9 @@ class SpeedRecord:
 
 def tile_batch(array: np.ndarray, batch: int) -> np.ndarray:
     """``batch`` rows from a preprocessed batch (its images repeat as needed)."""
-    return np.ascontiguousarray(np.resize(array, (batch, *array.shape[1:])))
+    out = aligned_empty((batch, *array.shape[1:]), array.dtype)
+    out[...] = np.resize(array, out.shape)
+    return out
 
 
 class SpeedLog:
