@@ -320,7 +320,6 @@ std::shared_ptr<Wino> MakeWino(const TensorView& weight, int64_t tiles) {
   using dt = dnnl::memory::data_type;
   const int64_t o = weight.size(0), c = weight.size(3);
   auto wino = std::make_shared<Wino>();
-  // about 8 MB of transformed input per chunk: it and the products stay in the L3 cache
   // chunks of up to 32 MB of transformed tiles: the matmul's M (tiles per chunk) stays in the
   // thousands, where oneDNN's AVX2 matmul runs at ~140 GOP/s (8 MB chunks: ~100)
   const int64_t budget = std::max<int64_t>(64, (32 << 20) / (16 * 4 * std::max(c, o)));
