@@ -244,13 +244,21 @@ def offload_glue(mod: Any) -> Any:
         dims = [ty.shape[i] for i in range(1, 4)]
         per_image = [int(d) for d in dims] if all(
             isinstance(d, tvm.tirx.IntImm) for d in dims) else [0]
-        if (a.axes is None or [*map(int, a.axes)] != [0, 3, 1, 2]
+        if (_axes(expr) != TO_NCHW
                 or math.prod(per_image) < PERMUTE_MIN_ELEMENTS):
             return expr
         return relax.call_dps_packed(NHWC_TO_NCHW, [m[x]], out_ty=expr.ty)
 
     mod["main"] = rewrite_call(pool | permute, rewrite, offload_l2norm(mod)["main"])
     return mod
+
+
+TO_NCHW = [0, 3, 1, 2]  # permute_dims axes taking NHWC to NCHW
+
+
+def _axes(permute: Any) -> list[int]:
+    """A ``permute_dims`` call's axes; [] for its default (reverse all)."""
+    return [*map(int, permute.attrs.axes)] if permute.attrs.axes is not None else []
 
 
 def nhwc_heads(mod: Any) -> tuple[Any, list[str]]:
@@ -271,8 +279,7 @@ def nhwc_heads(mod: Any) -> tuple[Any, list[str]]:
     for f in heads.fields:
         src = bound.get(f)
         if (isinstance(src, relax.Call) and isinstance(src.op, tvm.ir.Op)
-                and src.op.name == "relax.permute_dims" and src.attrs.axes is not None
-                and [*map(int, src.attrs.axes)] == [0, 3, 1, 2]):
+                and src.op.name == "relax.permute_dims" and _axes(src) == TO_NCHW):
             fields.append(src.args[0])
             layouts.append("NHWC")
         else:
@@ -310,9 +317,6 @@ def offload_l2norm(mod: Any) -> Any:
     scaled = is_op("relax.multiply")(wx, xt) | is_op("relax.multiply")(xt, wx)
     out = is_op("relax.permute_dims")(is_op("relax.divide")(scaled, norm_t))
 
-    def axes(e: Any) -> list[int]:
-        return [*map(int, e.attrs.axes)] if e.attrs.axes is not None else []
-
     def rewrite(expr: Any, m: Any) -> Any:
         ty, c = m[x].ty, m[x].ty.shape[3] if m[x].ty.ndim == 4 else None
         weight, s = m[w].value.numpy(), m[total]
@@ -320,8 +324,8 @@ def offload_l2norm(mod: Any) -> Any:
                 or weight.ndim < 3 or weight.size != int(c) or weight.shape[-3] != int(c)
                 or float(m[two].value.numpy()) != 2.0 or m[eps].value.numpy().size != 1
                 or [*map(int, s.attrs.axis)] != [3] or not s.attrs.keepdims
-                or axes(m[xt]) != [0, 3, 1, 2] or axes(m[norm_t]) != [0, 3, 1, 2]
-                or axes(expr) != [0, 2, 3, 1]):
+                or _axes(m[xt]) != TO_NCHW or _axes(m[norm_t]) != TO_NCHW
+                or _axes(expr) != [0, 2, 3, 1]):
             return expr
         e = float(m[eps].value.numpy().reshape(()))
         return relax.call_dps_packed(
