@@ -1,7 +1,8 @@
 """Our one piece of post-processing, ``grouped_nms``, returns exactly what mmcv's ``nms``
 returns: the same indices in the same order and the same scores, bit for bit, on sets built
 to break it (tied scores, touching and degenerate boxes, one dense class, thresholds at the
-edges) and on real head outputs through mmdet's ``predict_by_feat``."""
+edges) and on real head outputs through mmdet's ``predict_by_feat``; images decoded on several
+threads give what one thread gives."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from ssd_pipeline.core.errors import UserError
 from ssd_pipeline.postprocess import Detections, Postprocessor, grouped_nms
 
 
@@ -102,6 +104,28 @@ def test_postprocessor_detections_equal_mmcv_nms(model_name, bundles, sample_bat
         assert sum(map(len, want)) > 0, "no detections: nothing compared"
         assert_same_detections(got, want)
 
+
+
+def test_postprocessor_workers_give_the_same_detections(model_name, bundles, sample_batch,
+                                                        head_outputs):
+    """Images decoded side by side on threads (the default: one per backend thread) give what
+    one thread gives, in the same order, with runs of unequal length; on saturated logits too,
+    where each image sends thousands of boxes to NMS."""
+    b = bundles(model_name)
+    metas = sample_batch.metas
+    assert len(metas) >= 3, "too few images to split the batch three ways"
+    one = Postprocessor(b.cfg, b.postprocessor().cat_ids.tolist(), workers=1)
+    rng = np.random.default_rng(1)
+    outputs = head_outputs(model_name, "torch")
+    saturated = [rng.normal(0, 8, o.shape).astype(np.float32) for o in outputs]
+    for outs in (outputs, saturated):
+        want = one(outs, metas)
+        assert sum(map(len, want)) > 0, "no detections: nothing compared"
+        for workers in (2, 3, len(metas) + 1):
+            assert_same_detections(Postprocessor(b.cfg, one.cat_ids.tolist(),
+                                                 workers=workers)(outs, metas), want)
+    with pytest.raises(UserError, match="workers must be at least 1, got 0"):
+        Postprocessor(b.cfg, one.cat_ids.tolist(), workers=0)
 
 
 def test_postprocessor_reads_channels_last_views_as_is(model_name, bundles, sample_batch,

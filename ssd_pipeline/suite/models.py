@@ -18,6 +18,7 @@ from ..backends import Runner, get_backend
 from ..core.cache import ArtifactStore, file_sha256
 from ..core.errors import UserError
 from ..core.expectations import Expectations
+from ..core.host import default_threads
 from ..data import CalibrationImages, CocoDetectionSet, PreprocessSettings
 from ..model import CONFIG_DIR, ModelSpec, load_config
 from ..postprocess import Postprocessor
@@ -172,7 +173,8 @@ class ModelBundle:
     def postprocessor(self, cat_ids: list[int] | None = None) -> Postprocessor:
         if cat_ids is None and self.entry.embedded:
             cat_ids = sorted(c for c, _ in DEFAULT_CATEGORIES)
-        return Postprocessor(self.cfg, cat_ids)
+        # as many decoding threads as the backends have: the engine is idle meanwhile
+        return Postprocessor(self.cfg, cat_ids, workers=self.threads or default_threads())
 
 
 def resolve_bundle(model: str, expectations: Expectations, store: ArtifactStore, *,
