@@ -361,7 +361,7 @@ def readme_tables(perf_json: Path, accuracy_json: Path) -> str:
                 + "."]
     if e2e:
         out += ["", "End-to-end (JPEG decode + preprocessing + engine + mmdet decode/NMS) over "
-                "engine-only img/s, same run: " + ", ".join(
+                "the engine-only img/s measured around it, same run: " + ", ".join(
                     f"{r['backend']} {r['precision']} bs {r['batch']} "
                     f"{r['ratio_vs_engine_only']:.2f}"
                     for r in sorted(e2e, key=lambda r: (r["backend"], r["precision"],
