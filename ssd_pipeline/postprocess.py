@@ -134,7 +134,6 @@ class Postprocessor:
         if workers < 1:
             raise UserError(f"post-processing workers must be at least 1, got {workers}")
         self.workers = workers
-        self._pool: ThreadPoolExecutor | None = None
         if head is None:
             from mmdet.registry import MODELS
             from mmdet.utils import register_all_modules
@@ -176,14 +175,14 @@ class Postprocessor:
         if runs <= 1:
             return self._decode(outputs, metas, 0, n)
         edges = [n * k // runs for k in range(runs + 1)]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers - 1, thread_name_prefix="postprocess")
-        # the first run here, the others on the pool's threads
-        rest = [self._pool.submit(self._decode, outputs, metas, s, e)
-                for s, e in itertools.pairwise(edges[1:])]
-        dets = self._decode(outputs, metas, edges[0], edges[1])
-        for f in rest:
-            dets.extend(f.result())
+        # the first run on this thread, the others on threads that live for this call only
+        # (~0.1 ms to start; no pool outlives the Postprocessor)
+        with ThreadPoolExecutor(runs - 1, thread_name_prefix="postprocess") as pool:
+            rest = [pool.submit(self._decode, outputs, metas, s, e)
+                    for s, e in itertools.pairwise(edges[1:])]
+            dets = self._decode(outputs, metas, edges[0], edges[1])
+            for f in rest:
+                dets.extend(f.result())
         return dets
 
     def _decode(self, outputs: list[np.ndarray], metas: list[ImageMeta], start: int,

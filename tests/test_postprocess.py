@@ -105,7 +105,6 @@ def test_postprocessor_detections_equal_mmcv_nms(model_name, bundles, sample_bat
         assert_same_detections(got, want)
 
 
-
 def test_postprocessor_workers_give_the_same_detections(model_name, bundles, sample_batch,
                                                         head_outputs):
     """Images decoded side by side on threads (the default: one per backend thread) give what

@@ -185,8 +185,8 @@ class SpeedLog:
         The engine-only time it is divided by is measured around it (half the rounds just
         before, half just after, on the engine-only input), not taken from the engine-only
         record: that one may be minutes old, and on a shared machine the drift between the
-        two moments was larger than the data path's cost (SSD300 TVM fp32 at batch 8, one
-        run: 0.82 against an old record, 0.88-0.89 against one taken around it)."""
+        two moments can exceed the data path's cost (SSD300 TVM fp32 at batch 8: the data
+        path costs ~11% in a quiet process, yet one run read 0.82 against an old record)."""
         runner = self.runner_for(backend, precision)
         n = len(images)
 
@@ -209,6 +209,7 @@ class SpeedLog:
                             engine_only_rounds=len(engine),
                             ratio_vs_engine_only=ips / engine_ips,
                             images_per_call=n)
+
 
 def first_batch(images: list[ImageRecord], settings: PreprocessSettings,
                 size: int) -> np.ndarray:
