@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from ssd_pipeline import postprocess
 from ssd_pipeline.core.errors import UserError
 from ssd_pipeline.postprocess import Detections, Postprocessor, grouped_nms
 
@@ -106,10 +107,12 @@ def test_postprocessor_detections_equal_mmcv_nms(model_name, bundles, sample_bat
 
 
 def test_postprocessor_workers_give_the_same_detections(model_name, bundles, sample_batch,
-                                                        head_outputs):
+                                                        head_outputs, monkeypatch):
     """Images decoded side by side on threads (the default: one per backend thread) give what
     one thread gives, in the same order, with runs of unequal length; on saturated logits too,
-    where each image sends thousands of boxes to NMS."""
+    where each image sends thousands of boxes to NMS. Both models split here, whatever their
+    number of class scores (THREADED_MIN_SCORES lowered to 0)."""
+    monkeypatch.setattr(postprocess, "THREADED_MIN_SCORES", 0)
     b = bundles(model_name)
     metas = sample_batch.metas
     assert len(metas) >= 3, "too few images to split the batch three ways"
@@ -117,12 +120,24 @@ def test_postprocessor_workers_give_the_same_detections(model_name, bundles, sam
     rng = np.random.default_rng(1)
     outputs = head_outputs(model_name, "torch")
     saturated = [rng.normal(0, 8, o.shape).astype(np.float32) for o in outputs]
+    runs: list[tuple[int, int]] = []
+    decode = Postprocessor._decode
+
+    def spy(self, outputs, metas, start, end):
+        runs.append((start, end))
+        return decode(self, outputs, metas, start, end)
+
+    monkeypatch.setattr(Postprocessor, "_decode", spy)
+    n = len(metas)
     for outs in (outputs, saturated):
         want = one(outs, metas)
         assert sum(map(len, want)) > 0, "no detections: nothing compared"
-        for workers in (2, 3, len(metas) + 1):
+        for workers in (2, 3, n + 1):
+            runs.clear()
             assert_same_detections(Postprocessor(b.cfg, one.cat_ids.tolist(),
                                                  workers=workers)(outs, metas), want)
+            assert sorted(runs) == [(n * k // min(workers, n), n * (k + 1) // min(workers, n))
+                                    for k in range(min(workers, n))]
     with pytest.raises(UserError, match="workers must be at least 1, got 0"):
         Postprocessor(b.cfg, one.cat_ids.tolist(), workers=0)
 
