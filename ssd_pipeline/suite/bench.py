@@ -118,11 +118,14 @@ class SpeedLog:
         self.engine_only_records: dict[tuple[str, str, int], SpeedRecord] = {}
         self.records: list[SpeedRecord] = []
 
-    def _sample(self, fn: Callable[[], Any], timer: Timer | None) -> list[float]:
+    def _rounds(self, fn: Callable[[], Any]) -> int:
+        """Rounds of ``fn`` for one measurement, sized by its first (untimed) calls."""
         s = self.settings
         first = measure(fn, s.warmup, 1)[0]
-        return (timer or own_timer)(fn, rounds_for(first, s.seconds, s.min_rounds,
-                                                   s.max_rounds))
+        return rounds_for(first, s.seconds, s.min_rounds, s.max_rounds)
+
+    def _sample(self, fn: Callable[[], Any], timer: Timer | None) -> list[float]:
+        return (timer or own_timer)(fn, self._rounds(fn))
 
     def _record(self, mode: str, runner: Runner, samples: list[float], batch: int,
                 **extra: Any) -> SpeedRecord:
@@ -196,12 +199,15 @@ class SpeedLog:
                 raise AssertionError(f"got detections for {len(dets)} images, expected {n}")
 
         x = self.input_for(batch)
-        s = self.settings
-        first = measure(lambda: runner.run(x), s.warmup, 1)[0]
-        half = rounds_for(first, s.seconds / 2, max(1, (s.min_rounds + 1) // 2), s.max_rounds)
-        engine = measure(lambda: runner.run(x), 0, half)
+
+        def engine_call() -> None:
+            runner.run(x)
+
+        # one engine-only measurement, split in two halves around the end-to-end one
+        half = -(-self._rounds(engine_call) // 2)
+        engine = measure(engine_call, 0, half)
         samples = [t * batch / n for t in self._sample(job, timer)]
-        engine += measure(lambda: runner.run(x), 0, half)
+        engine += measure(engine_call, 0, half)
         engine_ips = batch / float(np.mean(engine))
         ips = batch / float(np.mean(samples))
         return self._record("end-to-end", runner, samples, batch,
