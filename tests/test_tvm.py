@@ -86,13 +86,13 @@ def test_every_convolution_is_offloaded(model_name, bundles):
 
 
 def test_winograd_runs_where_it_measured_faster(model_name, bundles):
-    """fp32: exactly the 3x3 stride-1 convolutions at or above the measured cuts
-    (``WINOGRAD_MIN_*``) are Winograd calls, and the engine record counts the GOP they
+    """fp32: exactly the 3x3 stride-1 convolutions at or above this CPU's measured cuts
+    (``WINOGRAD_CUTS``) are Winograd calls, and the engine record counts the GOP they
     execute against their direct form (what the perf records' peak fractions read)."""
     import onnx
 
     from ssd_pipeline.core.timing import conv_gflop_per_image
-    from ssd_pipeline.engine.compile import WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_SIZE
+    from ssd_pipeline.engine.compile import winograd_cuts
     from ssd_pipeline.engine.kernels import CONV2D_NHWC, CONV2D_NHWC_ADD
 
     b = bundles(model_name)
@@ -101,6 +101,7 @@ def test_winograd_runs_where_it_measured_faster(model_name, bundles):
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in [*model.graph.value_info, *model.graph.output]}
     weights = {i.name: list(i.dims) for i in model.graph.initializer}
+    min_channels, min_size = winograd_cuts()
     want = 0
     for node in model.graph.node:
         if node.op_type != "Conv":
@@ -111,14 +112,15 @@ def test_winograd_runs_where_it_measured_faster(model_name, bundles):
         want += ((kh, kw) == (3, 3) and a.get("strides", [1, 1]) == [1, 1]
                  and a.get("dilations", [1, 1]) == [1, 1]
                  and set(a.get("pads", [0] * 4)) <= {0, 1} and a.get("group", 1) == 1
-                 and min(c, o) >= WINOGRAD_MIN_CHANNELS and min(oh, ow) >= WINOGRAD_MIN_SIZE)
+                 and min(c, o) >= min_channels and min(oh, ow) >= min_size)
     record = b.runner("tvm").engine.record
     ops, wino = record["relax_ops"], record["winograd"]
     got = ops.get(f"{CONV2D_NHWC}:winograd", 0) + ops.get(f"{CONV2D_NHWC_ADD}:winograd", 0)
     assert got == want == wino["convolutions"] > 0, (ops, want)
     assert wino["executed_gop_per_image"] < wino["direct_gop_per_image"] \
         <= conv_gflop_per_image(path)
-    assert 4 / 9 <= wino["executed_gop_per_image"] / wino["direct_gop_per_image"] < 0.6
+    # 16 products per 2x2 tile against 36: 4/9 where every side is even (the record rounds)
+    assert 4 / 9 - 1e-3 <= wino["executed_gop_per_image"] / wino["direct_gop_per_image"] < 0.6
 
 
 def test_winograd_engine_equals_direct_engine(artifacts, sample_batch, expectations):
@@ -291,16 +293,25 @@ CHUNKED = (1, 512, 70, 70, 512)  # Winograd: 1225 tiles, two chunks, the last on
     (3, 1, 0, 1, 1, False, 2, SMALL),
     (3, 1, 1, 1, 1, True, 2, SMALL),
     (3, 1, 1, 1, 0, False, 2, CHUNKED),
+    (3, 1, 1, 1, 1, False, 1, SMALL),  # bfloat16, direct
+    (3, 1, 1, 1, 1, False, 3, SMALL),  # Winograd with bfloat16 products
+    (3, 1, 0, 1, 0, False, 3, SMALL),
+    (3, 1, 1, 1, 0, False, 3, CHUNKED),
 ])
 def test_shim_convolution_equals_torch(store, kh, stride, pad, dilation, relu, residual,
                                        compute, shape):
     """The oneDNN shim, called directly, against torch's conv2d (+bias) (+residual) (+ReLU),
-    direct (compute 0) and Winograd (compute 2: transforms in the shim, oneDNN's matmul)."""
+    direct (compute 0; 1 in bfloat16) and Winograd (compute 2: transforms in the shim, oneDNN's
+    matmul; 3: its products in bfloat16)."""
     import numpy as np
     import torch
     import tvm
 
+    from ssd_pipeline.core.host import cpu_flags
     from ssd_pipeline.engine.kernels import build_shim, load_shim
+
+    if compute in (1, 3) and "avx512_bf16" not in cpu_flags():
+        pytest.skip("bfloat16 convolutions need avx512_bf16 (this CPU has none)")
 
     mod = load_shim(str(build_shim(store)))
     rng = np.random.default_rng(kh * 100 + stride * 10 + dilation)
@@ -325,6 +336,12 @@ def test_shim_convolution_equals_torch(store, kh, stride, pad, dilation, relu, r
         mod.conv2d_nhwc_add(t[0], t[1], t[2], *geometry, t[4], t[3])
     else:
         mod.conv2d_nhwc(t[0], t[1], t[2], *geometry, t[3])
+    if compute in (1, 3):
+        # bfloat16 rounds src and weights to 8 mantissa bits (2^-9 relative each); measured
+        # on SSD300's layers: direct 2.0-2.8e-3, Winograd 2.9-4.8e-3 of the output's largest
+        err = np.abs(t[3].numpy() - ref).max() / np.abs(ref).max()
+        assert err < 1e-2, f"bfloat16 compute {compute}: relative error {err:.2e}"
+        return
     # float32 against a float64 reference; Winograd's own error measured 2-4e-6 at C = 512
     np.testing.assert_allclose(t[3].numpy(), ref, rtol=1e-4, atol=1e-4)
 
@@ -333,7 +350,7 @@ def test_shim_convolution_equals_torch(store, kh, stride, pad, dilation, relu, r
     (2, 1, 3, 2, "stride 1 and dilation 1 only"),
     (1, 2, 3, 2, "stride 1 and dilation 1 only"),
     (1, 1, 1, 2, "3x3 kernels"),
-    (1, 1, 3, 3, "compute must be 0"),
+    (1, 1, 3, 4, "compute must be 0"),
 ])
 def test_shim_refuses_what_winograd_cannot_run(store, stride, dilation, kh, compute, message):
     """A call outside Winograd's domain (or an unknown compute mode) is refused, never run

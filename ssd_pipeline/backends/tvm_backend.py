@@ -20,9 +20,9 @@ if TYPE_CHECKING:
 def is_winograd(ints: list[int]) -> bool:
     """The shim call's integer arguments (strides 2, padding 4, dilation 2, relu, and for
     float calls compute) ask for its Winograd path."""
-    from ..engine.compile import COMPUTE_WINOGRAD
+    from ..engine.compile import WINOGRAD_COMPUTES
 
-    return len(ints) > 9 and ints[9] == COMPUTE_WINOGRAD
+    return len(ints) > 9 and ints[9] in WINOGRAD_COMPUTES
 
 
 def conv_label(weight_ohwi: tuple[int, ...], ints: list[int]) -> str:

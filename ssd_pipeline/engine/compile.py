@@ -31,7 +31,7 @@ from ..core.host import cpu_flags, default_threads, host_cpu
 from ..core.onnxfile import load_onnx
 
 # Bump when the pass pipeline changes: it is part of every engine's cache key.
-PIPELINE_VERSION = 8
+PIPELINE_VERSION = 9
 ENGINE_FILE = "engine.so"
 META_FILE = "engine.json"
 INPUT_CHW = (3, 300, 300)
@@ -39,17 +39,26 @@ INPUT_CHW = (3, 300, 300)
 # it oneDNN's ~10 us per call loses to TVM's transpose (embedded model, bs 8: 38x38x16 0.17 ->
 # 0.07 ms, 38x38x24 0.30 -> 0.19 ms; 19x19x24 0.037 -> 0.044 ms)
 PERMUTE_MIN_ELEMENTS = 16384
-# fp32 3x3 stride-1 convolutions run as Winograd F(2x2, 3x3) (the shim's compute 2) when both
-# channel counts are at least this and the output at least WINOGRAD_MIN_SIZE on each side.
-# Measured against oneDNN's direct convolution, same process, interleaved (time ratio, < 1
-# wins): SSD300 bs 8 38x38 512->512 0.46, 75x75 256->256 0.60, 150x150 128->128 0.70,
-# 300x300 64->64 0.82, 38x38 512->324 0.57; embedded model bs 8 38x38 32->32 0.85, 10x10
-# 128->128 0.66. Below the cuts Winograd lost: 75x75 16->16 1.64, 75x75 24->32 1.36, 5x5
-# 128->36 1.76, 3x3 64->24 2.95 (bs 1 or 8).
-WINOGRAD_MIN_CHANNELS = 32
-WINOGRAD_MIN_SIZE = 8
-# the shim's `compute` argument of its float32 convolutions
-COMPUTE_F32, COMPUTE_BF16, COMPUTE_WINOGRAD = 0, 1, 2
+# fp32/bf16 3x3 stride-1 convolutions run as Winograd F(2x2, 3x3) (the shim's compute 2/3)
+# when both channel counts and the output's sides are at least this CPU's cuts
+# (min channels, min side), measured against oneDNN's direct convolution, same process,
+# interleaved (time ratio Winograd / direct, < 1 wins):
+WINOGRAD_CUTS = {
+    # AVX2 (Zen 3, fp32): SSD300 bs 8 38x38 512->512 0.46, 75x75 256->256 0.60, 150x150
+    # 128->128 0.70, 300x300 64->64 0.82; embedded bs 8 38x38 32->32 0.85, 10x10 128->128
+    # 0.66. Lost: 75x75 16->16 1.64, 75x75 24->32 1.36, 5x5 128->36 1.76, 3x3 64->24 2.95
+    "avx2": (32, 8),
+    # AVX-512 (Zen 4/5, oneDNN's AVX-512 direct kernels; fp32 / bf16, bs 8 then bs 1):
+    # 38x38 512->512 0.55 / 0.63, 0.53 / 0.59; 75x75 128->256 0.72 / 0.82, 0.70 / 0.86;
+    # 150x150 128->128 0.79 / 0.85, 0.82 / 0.92; 10x10 512->486 0.57 / 0.64, 0.77 / 0.81.
+    # Lost or even: 300x300 64->64 0.95 / 1.02, 1.22 / 1.38; 150x150 64->128 0.90 / 1.02;
+    # 38x38 32->32 1.65 / 2.50; 75x75 16->16 2.35 / 3.30
+    "avx512": (128, 10),
+}
+# the shim's `compute` argument of its float convolutions: direct float32 or bfloat16,
+# Winograd with float32 or bfloat16 products
+COMPUTE_F32, COMPUTE_BF16, COMPUTE_WINOGRAD, COMPUTE_WINOGRAD_BF16 = 0, 1, 2, 3
+WINOGRAD_COMPUTES = (COMPUTE_WINOGRAD, COMPUTE_WINOGRAD_BF16)
 COMPUTE_ARG = 12  # its place: after src, weight, bias and 9 ints (strides, pads, dilations, relu)
 MIN_OPSET = 11  # what the exporter and TVM's ONNX frontend are exercised with (we write 13)
 PRECISIONS = {"cpu": ("fp32", "bf16", "int8"), "cuda": ("fp32", "fp16")}
@@ -66,8 +75,8 @@ class EngineSpec:
     offload: str = "dnnl"
     cuda_arch: str = "sm_90"
     calibration: str | None = None  # int8: sha256 of the calibration record
-    # fp32 with oneDNN offload: 3x3 stride-1 convolutions as Winograd F(2x2, 3x3) where it
-    # measured faster (WINOGRAD_MIN_*); False keeps every convolution direct
+    # fp32/bf16 with oneDNN offload: 3x3 stride-1 convolutions as Winograd F(2x2, 3x3) where
+    # it measured faster (WINOGRAD_CUTS); False keeps every convolution direct
     winograd: bool = True
 
     def __post_init__(self) -> None:
@@ -91,7 +100,7 @@ class EngineSpec:
                             "(its convolutions are oneDNN int8 primitives)")
         if self.precision != "int8":
             object.__setattr__(self, "calibration", None)
-        if (self.precision, offload) != ("fp32", "dnnl"):
+        if self.precision not in ("fp32", "bf16") or offload != "dnnl":
             object.__setattr__(self, "winograd", False)
 
     def tvm_target(self) -> Any:
@@ -159,26 +168,31 @@ def to_nhwc(mod: Any) -> Any:
     return relax.transform.FoldConstant()(mod)  # weight permutes become OHWI constants
 
 
+def winograd_cuts() -> tuple[int, int]:
+    """(min channels, min output side) of Winograd on this CPU (``WINOGRAD_CUTS``)."""
+    return WINOGRAD_CUTS["avx512" if "avx512f" in cpu_flags() else "avx2"]
+
+
 def winograd_fits(attrs: Any, weight_shape: Any, out_shape: Any) -> bool:
     """A convolution (NHWC/OHWI) the shim's Winograd path takes and wins on: 3x3, stride and
-    dilation 1, pads 0 or 1, channels and output size at or above the measured cuts."""
+    dilation 1, pads 0 or 1, channels and output size at or above this CPU's cuts."""
     import tvm
 
+    min_channels, min_size = winograd_cuts()
     o, kh, kw, c = (int(d) for d in weight_shape)
     size = [out_shape[1], out_shape[2]]
     return ((kh, kw) == (3, 3) and [*map(int, attrs.strides)] == [1, 1]
             and [*map(int, attrs.dilation)] == [1, 1]
             and all(int(p) in (0, 1) for p in attrs.padding)
-            and min(c, o) >= WINOGRAD_MIN_CHANNELS
-            and all(isinstance(d, tvm.tirx.IntImm) and int(d) >= WINOGRAD_MIN_SIZE
-                    for d in size))
+            and min(c, o) >= min_channels
+            and all(isinstance(d, tvm.tirx.IntImm) and int(d) >= min_size for d in size))
 
 
 def offload_convolutions(mod: Any, bf16: bool, winograd: bool = False) -> Any:
     """NHWC graph; each conv2d(+bias)(+ReLU) becomes one oneDNN call, and at fp32 a residual
     block's conv(+bias) -> add -> ReLU too (the add a oneDNN post-op, so the block's output is
-    written once; not at bf16, which no CPU here could test). ``winograd`` (fp32): the 3x3
-    stride-1 ones that :func:`winograd_fits` run as Winograd F(2x2, 3x3)."""
+    written once; not at bf16). ``winograd``: the 3x3 stride-1 ones that
+    :func:`winograd_fits` run as Winograd F(2x2, 3x3), at bf16 with bfloat16 products."""
     import tvm
     import tvm_ffi
     from tvm import relax
@@ -195,7 +209,7 @@ def offload_convolutions(mod: Any, bf16: bool, winograd: bool = False) -> Any:
             return expr  # not a form the kernel takes: TVM keeps it
         compute = COMPUTE_BF16 if bf16 else COMPUTE_F32
         if winograd and winograd_fits(m[p.conv].attrs, m[p.w].ty.shape, m[p.conv].ty.shape):
-            compute = COMPUTE_WINOGRAD
+            compute = COMPUTE_WINOGRAD_BF16 if bf16 else COMPUTE_WINOGRAD
         args = [m[p.x], m[p.w], relax.const(m[p.b].value.numpy().reshape(-1)),
                 *int_args([*p.geometry(m), is_relu, compute])]
         return relax.call_dps_packed(CONV2D_NHWC_ADD if extra else CONV2D_NHWC, args + extra,
@@ -347,7 +361,7 @@ def _is_winograd(call: Any) -> bool:
     from .kernels import CONV2D_NHWC, CONV2D_NHWC_ADD
 
     return (getattr(call.args[0], "global_symbol", None) in (CONV2D_NHWC, CONV2D_NHWC_ADD)
-            and int(call.args[1].fields[COMPUTE_ARG].value) == COMPUTE_WINOGRAD)
+            and int(call.args[1].fields[COMPUTE_ARG].value) in WINOGRAD_COMPUTES)
 
 
 def count_ops(mod: Any) -> dict[str, int]:

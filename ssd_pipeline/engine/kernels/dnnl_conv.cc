@@ -6,7 +6,8 @@
 // Layout contract (ssd_pipeline/compile.py rewrites the graph to it): activations NHWC
 // float32, weights OHWI float32 (constants), bias (O) float32. `compute` says how: 0 direct in
 // float32, 1 direct in bfloat16 (avx512_bf16 / AMX where present; still reads/writes float32),
-// 2 Winograd F(2x2, 3x3) in float32 (3x3, stride 1; see Wino below).
+// 2 Winograd F(2x2, 3x3) in float32 (3x3, stride 1; see Wino below), 3 the same Winograd with
+// its 16 products in bfloat16 (transforms in float32, products accumulated in float32).
 // conv2d_nhwc_add also adds a float32 residual of dst's shape before the ReLU (a residual
 // block's conv -> add -> relu as one primitive: a binary post-op).
 //
@@ -27,6 +28,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -197,6 +199,7 @@ struct Wino {
   dnnl::memory u;          // G g G^T of every (c, o), in the matmul's weights format
   std::vector<float> fingerprint;
   int64_t tc = 0;  // tiles per chunk (the last chunk is padded with unused tiles)
+  bool bf16 = false;  // the products in bfloat16: v and u bfloat16, m float32
 };
 
 // 8 floats (AVX2's ymm where the target_clones below allow it, else two SSE registers) or 1:
@@ -215,9 +218,29 @@ __attribute__((always_inline)) inline void Store(float* p, T x) {
   std::memcpy(p, &x, sizeof(T));
 }
 
-// channels [k, k + lanes) of one tile: v[a * 4 + b] = (B^T . d . B)[a][b]
+// float32 -> bfloat16, rounded to the nearest even (oneDNN's rounding; the transforms of
+// finite inputs are finite, so no NaN case)
+typedef uint32_t U8 __attribute__((vector_size(32)));
+typedef uint16_t H8 __attribute__((vector_size(16)));
+
 template <typename T>
-__attribute__((always_inline)) inline void InputTile(const float* const (&d)[4][4], float* v,
+__attribute__((always_inline)) inline void Store(uint16_t* p, T x) {
+  if constexpr (sizeof(T) == sizeof(float)) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    *p = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  } else {
+    U8 u;
+    std::memcpy(&u, &x, 32);
+    const H8 h = __builtin_convertvector((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16, H8);
+    std::memcpy(p, &h, 16);
+  }
+}
+
+// channels [k, k + lanes) of one tile: v[a * 4 + b] = (B^T . d . B)[a][b], stored as S
+// (float, or bfloat16 bits)
+template <typename T, typename S>
+__attribute__((always_inline)) inline void InputTile(const float* const (&d)[4][4], S* v,
                                                      int64_t stride, int64_t k) {
   T r[4][4];
   for (int i = 0; i < 4; ++i) {  // rows: d . B
@@ -263,10 +286,10 @@ __attribute__((always_inline)) inline void OutputTile(const float* m, int64_t st
 
 // Input tiles [t0, t0 + tc) of src (NHWC, N x H x W x C) into v[16][tc][C]; tiles past the
 // last (the padded end of the last chunk) read zeros.
-__attribute__((target_clones("avx2", "default")))
-void WinoInput(const float* src, float* v, const float* zeros, int64_t t0, int64_t tc,
-               int64_t tiles, int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c,
-               int64_t pt, int64_t pl) {
+template <typename S>
+__attribute__((always_inline)) inline void WinoInputTiles(
+    const float* src, S* v, const float* zeros, int64_t t0, int64_t tc, int64_t tiles,
+    int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl) {
 #pragma omp parallel for schedule(static)
   for (int64_t tl = 0; tl < tc; ++tl) {
     const int64_t t = t0 + tl;
@@ -282,6 +305,21 @@ void WinoInput(const float* src, float* v, const float* zeros, int64_t t0, int64
     for (; k + 8 <= c; k += 8) InputTile<F8>(d, v + tl * c, tc * c, k);
     for (; k < c; ++k) InputTile<float>(d, v + tl * c, tc * c, k);
   }
+}
+
+// one clone per storage type (target_clones does not take templates)
+__attribute__((target_clones("avx2", "default")))
+void WinoInput(const float* src, float* v, const float* zeros, int64_t t0, int64_t tc,
+               int64_t tiles, int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c,
+               int64_t pt, int64_t pl) {
+  WinoInputTiles(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl);
+}
+
+__attribute__((target_clones("avx2", "default")))
+void WinoInput(const float* src, uint16_t* v, const float* zeros, int64_t t0, int64_t tc,
+               int64_t tiles, int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c,
+               int64_t pt, int64_t pl) {
+  WinoInputTiles(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl);
 }
 
 // m[16][tc][O] of tiles [t0, t0 + tc) -> their 2x2 outputs in dst (NHWC), + bias
@@ -315,7 +353,7 @@ void WinoOutput(const float* m, const float* bias, const float* residual, float*
   }
 }
 
-std::shared_ptr<Wino> MakeWino(const TensorView& weight, int64_t tiles) {
+std::shared_ptr<Wino> MakeWino(const TensorView& weight, int64_t tiles, bool bf16) {
   using tag = dnnl::memory::format_tag;
   using dt = dnnl::memory::data_type;
   const int64_t o = weight.size(0), c = weight.size(3);
@@ -325,9 +363,11 @@ std::shared_ptr<Wino> MakeWino(const TensorView& weight, int64_t tiles) {
   const int64_t budget = std::max<int64_t>(64, (32 << 20) / (16 * 4 * std::max(c, o)));
   const int64_t chunks = (tiles + budget - 1) / budget;
   wino->tc = (tiles + chunks - 1) / chunks;
+  wino->bf16 = bf16;
+  const dt products = bf16 ? dt::bf16 : dt::f32;
   auto pd = dnnl::matmul::primitive_desc(
-      CpuEngine(), dnnl::memory::desc({16, wino->tc, c}, dt::f32, tag::abc),
-      dnnl::memory::desc({16, c, o}, dt::f32, tag::any),
+      CpuEngine(), dnnl::memory::desc({16, wino->tc, c}, products, tag::abc),
+      dnnl::memory::desc({16, c, o}, products, tag::any),
       dnnl::memory::desc({16, wino->tc, o}, dt::f32, tag::abc));
   wino->matmul = dnnl::matmul(pd);
   // U = G g G^T for every (c, o): [16][C][O]
@@ -363,7 +403,7 @@ std::shared_ptr<Wino> MakeWino(const TensorView& weight, int64_t tiles) {
 // shapes were checked by RunF32.
 void RunWinograd(const TensorView& src, const TensorView& weight, const TensorView& bias,
                  const TensorView* residual, int64_t pt, int64_t pl, int64_t pb, int64_t pr,
-                 bool relu, const TensorView& dst) {
+                 bool relu, bool bf16, const TensorView& dst) {
   const int64_t n = src.size(0), h = src.size(1), w = src.size(2), c = src.size(3);
   const int64_t o = weight.size(0), oh = dst.size(1), ow = dst.size(2);
   TVM_FFI_ICHECK(weight.size(1) == 3 && weight.size(2) == 3 && std::max({pt, pl, pb, pr}) <= 1 &&
@@ -373,26 +413,32 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
   const int64_t th = (oh + 1) / 2, tw = (ow + 1) / 2, tiles = n * th * tw;
   std::ostringstream key;
   key << n << ',' << h << ',' << w << ',' << c << ';' << o << ';' << pt << pl << pb << pr << ';'
-      << weight.data_ptr();
+      << bf16 << ';' << weight.data_ptr();
   auto wino = Cached(key.str(),
                      Fingerprint(static_cast<const float*>(weight.data_ptr()), weight.numel()),
-                     [&] { return MakeWino(weight, tiles); });
+                     [&] { return MakeWino(weight, tiles, bf16); });
   const int64_t tc = wino->tc;
   // per calling thread: engines may run on several threads at once
   thread_local std::vector<float> v, m, zeros;
-  if (static_cast<int64_t>(v.size()) < 16 * tc * c) v.resize(16 * tc * c);
+  thread_local std::vector<uint16_t> vb;
+  if (!bf16 && static_cast<int64_t>(v.size()) < 16 * tc * c) v.resize(16 * tc * c);
+  if (bf16 && static_cast<int64_t>(vb.size()) < 16 * tc * c) vb.resize(16 * tc * c);
   if (static_cast<int64_t>(m.size()) < 16 * tc * o) m.resize(16 * tc * o);
   if (static_cast<int64_t>(zeros.size()) < c) zeros.assign(c, 0.f);
   using dt = dnnl::memory::data_type;
   using tag = dnnl::memory::format_tag;
   auto& eng = CpuEngine();
   dnnl::stream s(eng);
-  dnnl::memory v_m({{16, tc, c}, dt::f32, tag::abc}, eng, v.data());
+  dnnl::memory v_m({{16, tc, c}, bf16 ? dt::bf16 : dt::f32, tag::abc}, eng,
+                   bf16 ? static_cast<void*>(vb.data()) : static_cast<void*>(v.data()));
   dnnl::memory m_m({{16, tc, o}, dt::f32, tag::abc}, eng, m.data());
   const float* in = static_cast<const float*>(src.data_ptr());
   const float* res = residual ? static_cast<const float*>(residual->data_ptr()) : nullptr;
   for (int64_t t0 = 0; t0 < tiles; t0 += tc) {
-    WinoInput(in, v.data(), zeros.data(), t0, tc, tiles, th, tw, h, w, c, pt, pl);
+    if (bf16)
+      WinoInput(in, vb.data(), zeros.data(), t0, tc, tiles, th, tw, h, w, c, pt, pl);
+    else
+      WinoInput(in, v.data(), zeros.data(), t0, tc, tiles, th, tw, h, w, c, pt, pl);
     wino->matmul.execute(s, {{DNNL_ARG_SRC, v_m}, {DNNL_ARG_WEIGHTS, wino->u},
                              {DNNL_ARG_DST, m_m}});
     s.wait();
@@ -403,7 +449,8 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
 
 // conv2d_nhwc(src NHWC, weight OHWI, bias (O), strides, pads (top, left, bottom, right),
 //             dilations, relu, compute, dst NHWC); compute: 0 float32, 1 bfloat16, 2 float32
-//             Winograd (3x3, stride 1, dilation 1, pads 0 or 1)
+//             Winograd (3x3, stride 1, dilation 1, pads 0 or 1), 3 Winograd with bfloat16
+//             products
 // conv2d_nhwc_add: the same with a float32 residual of dst's shape added before the ReLU (a
 // residual block's conv -> add -> relu in one pass over dst), the argument before dst
 void RunF32(TensorView src, TensorView weight, TensorView bias, const TensorView* residual,
@@ -421,12 +468,12 @@ void RunF32(TensorView src, TensorView weight, TensorView bias, const TensorView
   TVM_FFI_ICHECK(weight.size(3) == src.size(3)) << "weight OHWI input channels "
       << weight.size(3) << " != src channels " << src.size(3) << " (groups are not supported)";
   TVM_FFI_ICHECK(bias.size(0) == weight.size(0) && dst.size(3) == weight.size(0));
-  TVM_FFI_ICHECK(compute >= 0 && compute <= 2) << "compute must be 0 (float32), 1 (bfloat16) "
-      "or 2 (float32 Winograd), got " << compute;
-  if (compute == 2) {
+  TVM_FFI_ICHECK(compute >= 0 && compute <= 3) << "compute must be 0 (float32), 1 (bfloat16), "
+      "2 (float32 Winograd) or 3 (Winograd, bfloat16 products), got " << compute;
+  if (compute >= 2) {
     TVM_FFI_ICHECK(sh == 1 && sw == 1 && dh == 1 && dw == 1)
         << "winograd: stride 1 and dilation 1 only";
-    RunWinograd(src, weight, bias, residual, pt, pl, pb, pr, relu != 0, dst);
+    RunWinograd(src, weight, bias, residual, pt, pl, pb, pr, relu != 0, compute == 3, dst);
     return;
   }
   const int64_t bf16 = compute;
