@@ -18,7 +18,7 @@ from ..backends import Runner, get_backend
 from ..core.cache import ArtifactStore, file_sha256
 from ..core.errors import UserError
 from ..core.expectations import Expectations
-from ..core.host import default_threads
+from ..core.host import default_threads, int8_weight_bits
 from ..data import CalibrationImages, CocoDetectionSet, PreprocessSettings
 from ..model import CONFIG_DIR, ModelSpec, load_config
 from ..postprocess import Postprocessor
@@ -106,6 +106,14 @@ def _generator_hash() -> str:
     return file_sha256(Path(__file__).resolve().parents[1] / "synthetic.py")
 
 
+def calibration_method(expectations: Expectations) -> str:
+    """The int8 calibration method for this CPU's weights (``int8_weight_bits``): the best
+    method differs between 8-bit weights (VNNI: ``int8.calibration_method_vnni``) and the 7
+    bits AVX2 leaves (``int8.calibration_method``)."""
+    key = "int8.calibration_method_vnni" if int8_weight_bits() == 8 else "int8.calibration_method"
+    return str(expectations.get(key))
+
+
 class ModelBundle:
     """One model's artifacts, config, preprocessing and prepared runners (built lazily, once)."""
 
@@ -117,7 +125,7 @@ class ModelBundle:
         self.artifacts = ModelArtifacts(
             spec, store, expectations.number("simplify.rel_err_max"),
             calibration=self._calibration(calib_images, store),
-            calibration_method=str(expectations.get("int8.calibration_method")))
+            calibration_method=calibration_method(expectations))
         self._runners: dict[tuple[str, str], Runner] = {}
 
     def _calibration(self, calib_images: str | os.PathLike[str] | None, store: ArtifactStore
