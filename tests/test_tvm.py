@@ -123,6 +123,25 @@ def test_winograd_runs_where_it_measured_faster(model_name, bundles):
     assert 4 / 9 - 1e-3 <= wino["executed_gop_per_image"] / wino["direct_gop_per_image"] < 0.6
 
 
+def test_bf16_engine_keeps_activations_in_bf16(bundles):
+    """bf16 SSD300: every ReLU convolution and every max pool writes bfloat16, and each reader
+    of those (the next convolution, a pool, L2Norm) takes it as is: no float32 copy is left."""
+    import onnx
+
+    from ssd_pipeline.core.host import cpu_flags
+
+    if "avx512_bf16" not in cpu_flags():
+        pytest.skip("bf16 engines need avx512_bf16 (this CPU has none)")
+    b = bundles("ssd300")
+    model = onnx.load(str(b.artifacts.simplified_onnx_path), load_external_data=False)
+    conv_outputs = {n.output[0] for n in model.graph.node if n.op_type == "Conv"}
+    want = sum(n.op_type == "MaxPool" or (n.op_type == "Relu" and n.input[0] in conv_outputs)
+               for n in model.graph.node)
+    record = b.runner("tvm", "bf16").engine.record
+    assert record["bf16_activations"] == want > 20, (record["bf16_activations"], want)
+    assert "relax.astype" not in record["relax_ops"], record["relax_ops"]
+
+
 def test_winograd_engine_equals_direct_engine(artifacts, sample_batch, expectations):
     """The same model compiled with and without Winograd gives the same raw outputs within
     the fp32 tolerance (Winograd F(2x2, 3x3)'s own error is ~1e-6 relative)."""
@@ -370,7 +389,7 @@ def test_shim_refuses_what_winograd_cannot_run(store, stride, dilation, kh, comp
                         dilation, 1, compute, t[3])
 
 
-@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+@pytest.mark.parametrize("dtype", ["float32", "uint8", "bfloat16"])
 @pytest.mark.parametrize("k, stride, pad, ceil_mode", [
     (3, 2, 1, False),  # the embedded model's stem pool
     (2, 2, 0, True),  # SSD300's VGG pools on odd sizes (75 -> 38)
@@ -379,6 +398,7 @@ def test_shim_refuses_what_winograd_cannot_run(store, stride, dilation, kh, comp
 def test_shim_max_pool_and_permute_equal_torch(store, dtype, k, stride, pad, ceil_mode):
     """max_pool2d_nhwc against torch's max_pool2d (exact: a max picks one of its inputs),
     ceil_mode read from dst's size; nhwc_to_nchw against numpy's transpose."""
+    import ml_dtypes
     import numpy as np
     import torch
     import tvm
@@ -387,9 +407,11 @@ def test_shim_max_pool_and_permute_equal_torch(store, dtype, k, stride, pad, cei
 
     mod = load_shim(str(build_shim(store)))
     rng = np.random.default_rng(k * 10 + stride)
+    if dtype == "bfloat16":  # the bf16 engine's activations (integers below 256 are exact)
+        dtype = ml_dtypes.bfloat16
     x = rng.integers(0, 256, (2, 75, 37, 16)).astype(dtype)
-    if dtype == "float32":
-        x = x - np.float32(128)  # negative values: padding must never win the max
+    if x.dtype != np.uint8:
+        x = x - x.dtype.type(128)  # negative values: padding must never win the max
     ref = torch.nn.functional.max_pool2d(
         torch.from_numpy(x.astype(np.float32)).permute(0, 3, 1, 2), k, stride, pad,
         ceil_mode=ceil_mode).permute(0, 2, 3, 1).numpy().astype(dtype)
@@ -402,9 +424,11 @@ def test_shim_max_pool_and_permute_equal_torch(store, dtype, k, stride, pad, cei
 
 
 @pytest.mark.parametrize("c", [32, 37])  # whole 8-wide vectors; a remainder
-def test_shim_l2norm_equals_mmdet(store, c):
+@pytest.mark.parametrize("src_dtype", ["float32", "bfloat16"])  # bf16: the bf16 engine's input
+def test_shim_l2norm_equals_mmdet(store, c, src_dtype):
     """l2norm_nhwc against mmdet's own L2Norm module (the model's neck) on the same values
     in NCHW; a weight that does not fit the channels is refused in one line."""
+    import ml_dtypes
     import numpy as np
     import torch
     import tvm
@@ -416,16 +440,60 @@ def test_shim_l2norm_equals_mmdet(store, c):
     rng = np.random.default_rng(c)
     x = (rng.standard_normal((2, 13, 11, c)) * 3).astype(np.float32)
     x[0, 0, 0] = 0  # a zero pixel: eps keeps it finite
+    src = x
+    if src_dtype == "bfloat16":  # the reference reads the same (rounded) values in float32
+        src = x.astype(ml_dtypes.bfloat16)
+        x = src.astype(np.float32)
     norm = L2Norm(c, scale=20.0)
     with torch.no_grad():
         norm.weight.copy_(torch.from_numpy(rng.uniform(1, 30, c).astype(np.float32)))
         ref = norm(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
     out = tvm.runtime.tensor(np.zeros_like(x))
     weight = norm.weight.detach().numpy()
-    mod.l2norm_nhwc(tvm.runtime.tensor(x), tvm.runtime.tensor(weight), norm.eps, out)
+    mod.l2norm_nhwc(tvm.runtime.tensor(src), tvm.runtime.tensor(weight), norm.eps, out)
     np.testing.assert_allclose(out.numpy(), ref, rtol=2e-6, atol=1e-6)
     with pytest.raises(Exception, match="weight must have one value per channel"):
         mod.l2norm_nhwc(tvm.runtime.tensor(x), tvm.runtime.tensor(weight[:-1]), norm.eps, out)
+
+
+@pytest.mark.parametrize("compute, kh, stride, shape", [
+    (1, 3, 1, SMALL), (1, 3, 2, SMALL), (1, 1, 1, SMALL),  # direct; pointwise: a matmul
+    (3, 3, 1, SMALL), (3, 3, 1, CHUNKED),  # Winograd with bfloat16 products
+])
+def test_shim_bf16_activations(store, compute, kh, stride, shape):
+    """A bfloat16 convolution reading and writing bfloat16 activations gives what the same
+    call gives on float32 tensors holding those values, rounded to bfloat16 (the primitive
+    rounds its float32 src to bfloat16 anyway): bit for bit on the shim's Winograd (its own
+    rounding, to nearest even), within one bfloat16 step on oneDNN's direct kernels."""
+    import ml_dtypes
+    import numpy as np
+    import tvm
+
+    from ssd_pipeline.core.host import cpu_flags
+    from ssd_pipeline.engine.kernels import build_shim, load_shim
+
+    if "avx512_bf16" not in cpu_flags():
+        pytest.skip("bfloat16 convolutions need avx512_bf16 (this CPU has none)")
+    mod = load_shim(str(build_shim(store)))
+    rng = np.random.default_rng(compute * 10 + kh)
+    n, c, h, w, o = shape
+    pad = kh // 2
+    oh, ow = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kh) // stride + 1
+    x = np.maximum(rng.standard_normal((n, h, w, c)), 0).astype(ml_dtypes.bfloat16)
+    wt = (rng.standard_normal((o, kh, kh, c)) * (0.3 / kh / c ** 0.5)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    args = (tvm.runtime.tensor(wt), tvm.runtime.tensor(b), stride, stride, pad, pad, pad, pad,
+            1, 1, 1, compute)
+    f32_out = tvm.runtime.tensor(np.zeros((n, oh, ow, o), np.float32))
+    mod.conv2d_nhwc(tvm.runtime.tensor(x.astype(np.float32)), *args, f32_out)
+    bf16_out = tvm.runtime.tensor(np.zeros((n, oh, ow, o), ml_dtypes.bfloat16))
+    mod.conv2d_nhwc(tvm.runtime.tensor(x), *args, bf16_out)
+    want = f32_out.numpy().astype(ml_dtypes.bfloat16).astype(np.float32)
+    got = bf16_out.numpy().astype(np.float32)
+    if compute == 3:
+        np.testing.assert_array_equal(got, want)
+    else:  # one step of bfloat16's 8-bit mantissa: 2^-7 relative
+        np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-6)
 
 
 @pytest.mark.parametrize("kh, stride, pad, dilation, relu, dst_u8", [

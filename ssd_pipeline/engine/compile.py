@@ -17,6 +17,7 @@ An engine directory holds ``engine.so`` and ``engine.json`` (what it was built f
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -31,7 +32,7 @@ from ..core.host import cpu_flags, default_threads, host_cpu
 from ..core.onnxfile import load_onnx
 
 # Bump when the pass pipeline changes: it is part of every engine's cache key.
-PIPELINE_VERSION = 9
+PIPELINE_VERSION = 10
 ENGINE_FILE = "engine.so"
 META_FILE = "engine.json"
 INPUT_CHW = (3, 300, 300)
@@ -212,6 +213,12 @@ def offload_convolutions(mod: Any, bf16: bool, winograd: bool = False) -> Any:
             compute = COMPUTE_WINOGRAD_BF16 if bf16 else COMPUTE_WINOGRAD
         args = [m[p.x], m[p.w], relax.const(m[p.b].value.numpy().reshape(-1)),
                 *int_args([*p.geometry(m), is_relu, compute])]
+        if bf16 and is_relu and not extra:
+            # a ReLU's output is an activation: written in bfloat16, which the next
+            # convolution or pool reads as is (:func:`bf16_activations` drops the astype)
+            out = relax.call_dps_packed(CONV2D_NHWC, args,
+                                        out_ty=relax.TensorType(expr.ty.shape, "bfloat16"))
+            return relax.op.astype(out, "float32")
         return relax.call_dps_packed(CONV2D_NHWC_ADD if extra else CONV2D_NHWC, args + extra,
                                      out_ty=expr.ty)
 
@@ -246,7 +253,7 @@ def offload_glue(mod: Any) -> Any:
 
     def rewrite(expr: Any, m: Any) -> Any:
         ty = m[x].ty
-        if str(ty.dtype) not in ("float32", "uint8") or ty.ndim != 4:
+        if str(ty.dtype) not in ("float32", "uint8", "bfloat16") or ty.ndim != 4:
             return expr
         a = expr.attrs
         if pool in m:
@@ -268,6 +275,71 @@ def offload_glue(mod: Any) -> Any:
 
 
 TO_NCHW = [0, 3, 1, 2]  # permute_dims axes taking NHWC to NCHW
+CONV_ARGS, POOL_ARGS, L2NORM_ARGS = 13, 9, 3  # the shim calls' argument counts (dst aside)
+
+
+def bf16_activations(mod: Any) -> Any:
+    """bfloat16 engines: a bfloat16 activation (a ReLU convolution's output) is read as is by
+    the shim calls that take bfloat16 (bfloat16 convolutions, max pools, L2Norm) instead of
+    through a float32 copy; a pool of one is done in bfloat16 (max commutes with the rounding).
+    What is left of the copies feeds float ops (heads, residual adds)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    from .kernels import CONV2D_NHWC, L2NORM_NHWC, MAX_POOL2D_NHWC
+
+    def bf16_source(arg: Any, var2val: Any) -> Any:
+        """``y`` where ``arg`` is ``astype(y, float32)`` of a bfloat16 ``y``, else None."""
+        value = var2val.get(arg) if isinstance(arg, relax.Var) else arg
+        if (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)
+                and value.op.name == "relax.astype" and str(value.ty.dtype) == "float32"
+                and str(value.args[0].ty.dtype) == "bfloat16"):
+            return value.args[0]
+        return None
+
+    fn = wildcard()
+    shim_call = is_op("relax.call_dps_packed")(fn, wildcard())
+
+    def fold(expr: Any, m: Any, var2val: Any) -> Any:
+        name, args = getattr(m[fn], "global_symbol", None), list(expr.args[1].fields)
+        y = bf16_source(args[0], var2val) if args else None
+        if y is None:
+            return expr
+        if name == CONV2D_NHWC and len(args) == CONV_ARGS and int(
+                args[COMPUTE_ARG].value) in (COMPUTE_BF16, COMPUTE_WINOGRAD_BF16):
+            return relax.call_dps_packed(m[fn], [y, *args[1:]], out_ty=expr.ty)
+        if name == L2NORM_NHWC and len(args) == L2NORM_ARGS:
+            return relax.call_dps_packed(m[fn], [y, *args[1:]], out_ty=expr.ty)
+        if name == MAX_POOL2D_NHWC and len(args) == POOL_ARGS:
+            pooled = relax.call_dps_packed(m[fn], [y, *args[1:]], out_ty=relax.TensorType(
+                expr.ty.shape, "bfloat16"))
+            return relax.op.astype(pooled, "float32")
+        return expr
+
+    for _ in range(3):  # a pool moves the astype past itself: the reader after it is next
+        var2val = relax.analysis.get_var2val(mod["main"])
+        mod["main"] = rewrite_call(shim_call, functools.partial(fold, var2val=var2val),
+                                   mod["main"])
+    return relax.transform.DeadCodeElimination()(mod)
+
+
+def bf16_outputs(mod: Any) -> int:
+    """How many shim calls in ``main`` write a bfloat16 tensor (the engine record's count of
+    bfloat16 activations)."""
+    import tvm
+    from tvm import relax
+
+    count = 0
+
+    def visit(e: Any) -> None:
+        nonlocal count
+        if (isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op)
+                and e.op.name == "relax.call_dps_packed" and str(e.ty.dtype) == "bfloat16"):
+            count += 1
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return count
 
 
 def _axes(permute: Any) -> list[int]:
@@ -458,8 +530,11 @@ def build_engine(onnx_path: str | Path, spec: EngineSpec, out_dir: str | Path,
     if spec.offload == "dnnl":
         mod, layouts = nhwc_heads(mod)
         mod = offload_glue(mod)
+        if spec.precision == "bf16":
+            mod = bf16_activations(mod)
     ops = count_ops(mod)
     winograd = winograd_record(mod) if spec.winograd else None
+    bf16_count = bf16_outputs(mod) if spec.precision == "bf16" else None
     if spec.target == "cuda":
         mod = _cuda_pipeline(mod, spec, target)
     ex = tvm.compile(mod, target=target)
@@ -469,6 +544,7 @@ def build_engine(onnx_path: str | Path, spec: EngineSpec, out_dir: str | Path,
               "input_chw": list(INPUT_CHW), "outputs": outputs,
               "output_layouts": layouts or ["NCHW"] * len(outputs), "relax_ops": ops,
               "quantization": quantization, "winograd": winograd,
+              "bf16_activations": bf16_count,
               "compile_s": round(time.perf_counter() - t0, 3)}
     (out_dir / META_FILE).write_text(json.dumps(record, indent=1))
     return record

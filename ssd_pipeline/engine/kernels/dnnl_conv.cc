@@ -8,6 +8,8 @@
 // float32, 1 direct in bfloat16 (avx512_bf16 / AMX where present; still reads/writes float32),
 // 2 Winograd F(2x2, 3x3) in float32 (3x3, stride 1; see Wino below), 3 the same Winograd with
 // its 16 products in bfloat16 (transforms in float32, products accumulated in float32).
+// At bfloat16 (compute 1 and 3) src and dst may also be bfloat16 tensors: activations stay
+// bfloat16 from one convolution to the next (max pools and L2Norm read them too).
 // conv2d_nhwc_add also adds a float32 residual of dst's shape before the ReLU (a residual
 // block's conv -> add -> relu as one primitive: a binary post-op).
 //
@@ -44,6 +46,21 @@ using tvm::ffi::TensorView;
 dnnl::engine& CpuEngine() {
   static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
   return eng;
+}
+
+bool IsDtype(const TensorView& t, DLDataTypeCode code, int bits) {
+  return t.dtype().code == code && t.dtype().bits == bits && t.dtype().lanes == 1;
+}
+
+bool IsBf16(const TensorView& t) { return IsDtype(t, kDLBfloat, 16); }
+
+// float32, or bfloat16 where `bf16_ok` (an activation of a bfloat16 convolution)
+void CheckFloat(const TensorView& t, const char* name, int ndim, bool bf16_ok) {
+  TVM_FFI_ICHECK(IsDtype(t, kDLFloat, 32) || (bf16_ok && IsBf16(t)))
+      << name << (bf16_ok ? " must be float32 or bfloat16" : " must be float32");
+  TVM_FFI_ICHECK(t.ndim() == ndim) << name << " must have " << ndim << " dims, got " << t.ndim();
+  TVM_FFI_ICHECK(t.device().device_type == kDLCPU) << name << " must be on the CPU";
+  TVM_FFI_ICHECK(t.IsContiguous()) << name << " must be contiguous";
 }
 
 void CheckF32(const TensorView& t, const char* name, int ndim) {
@@ -139,6 +156,7 @@ std::shared_ptr<Conv> MakeConv(const TensorView& src, const TensorView& weight,
       GeometryOf(src, weight, dst, sh, sw, pt, pl, pb, pr);
   auto conv = std::make_shared<Conv>();
   const dt compute = bf16 ? dt::bf16 : dt::f32;
+  const dt src_dt = IsBf16(src) ? dt::bf16 : dt::f32, dst_dt = IsBf16(dst) ? dt::bf16 : dt::f32;
   if (residual)
     conv->residual_md = pointwise ? dnnl::memory::desc({n * h * w, o}, dt::f32, tag::ab)
                                   : dnnl::memory::desc({n, o, oh, ow}, dt::f32, tag::nhwc);
@@ -149,10 +167,10 @@ std::shared_ptr<Conv> MakeConv(const TensorView& src, const TensorView& weight,
     // pointwise convolution kernel ran SSD300's 19x19 1024->1024 layer at 36 GOP/s against
     // ~150 GOP/s for the 3x3 layers (ssd-pipeline profile, batch 8)
     const int64_t m = n * h * w;
-    conv->src_user = dnnl::memory::desc({m, c}, dt::f32, tag::ab);
+    conv->src_user = dnnl::memory::desc({m, c}, src_dt, tag::ab);
     conv->src_prim = dnnl::memory::desc({m, c}, compute, tag::ab);
-    conv->src_reorder = bf16;
-    conv->dst_md = dnnl::memory::desc({m, o}, dt::f32, tag::ab);
+    conv->src_reorder = src_dt != compute;
+    conv->dst_md = dnnl::memory::desc({m, o}, dst_dt, tag::ab);
     conv->bias_md = dnnl::memory::desc({1, o}, dt::f32, tag::ab);
     auto pd = dnnl::matmul::primitive_desc(CpuEngine(), conv->src_prim,
                                            dnnl::memory::desc({c, o}, compute, tag::any),
@@ -167,10 +185,10 @@ std::shared_ptr<Conv> MakeConv(const TensorView& src, const TensorView& weight,
                                     weight.numel());
     return conv;
   }
-  conv->src_user = dnnl::memory::desc({n, c, h, w}, dt::f32, tag::nhwc);
+  conv->src_user = dnnl::memory::desc({n, c, h, w}, src_dt, tag::nhwc);
   conv->src_prim = dnnl::memory::desc({n, c, h, w}, compute, tag::nhwc);
-  conv->src_reorder = bf16;
-  conv->dst_md = dnnl::memory::desc({n, o, oh, ow}, dt::f32, tag::nhwc);
+  conv->src_reorder = src_dt != compute;
+  conv->dst_md = dnnl::memory::desc({n, o, oh, ow}, dst_dt, tag::nhwc);
   conv->bias_md = dnnl::memory::desc({o}, dt::f32, tag::a);
   auto wei_any = dnnl::memory::desc({o, c, kh, kw}, compute, tag::any);
   auto pd = dnnl::convolution_forward::primitive_desc(
@@ -219,9 +237,24 @@ __attribute__((always_inline)) inline void Store(float* p, T x) {
 }
 
 // float32 -> bfloat16, rounded to the nearest even (oneDNN's rounding; the transforms of
-// finite inputs are finite, so no NaN case)
+// finite inputs are finite, so no NaN case); bfloat16 -> float32 is exact (a shift)
 typedef uint32_t U8 __attribute__((vector_size(32)));
 typedef uint16_t H8 __attribute__((vector_size(16)));
+
+template <typename T>
+__attribute__((always_inline)) inline T Load(const uint16_t* p) {
+  T x;
+  if constexpr (sizeof(T) == sizeof(float)) {
+    const uint32_t u = static_cast<uint32_t>(*p) << 16;
+    std::memcpy(&x, &u, 4);
+  } else {
+    H8 h;
+    std::memcpy(&h, p, 16);
+    const U8 u = __builtin_convertvector(h, U8) << 16;
+    std::memcpy(&x, &u, 32);
+  }
+  return x;
+}
 
 template <typename T>
 __attribute__((always_inline)) inline void Store(uint16_t* p, T x) {
@@ -239,8 +272,8 @@ __attribute__((always_inline)) inline void Store(uint16_t* p, T x) {
 
 // channels [k, k + lanes) of one tile: v[a * 4 + b] = (B^T . d . B)[a][b], stored as S
 // (float, or bfloat16 bits)
-template <typename T, typename S>
-__attribute__((always_inline)) inline void InputTile(const float* const (&d)[4][4], S* v,
+template <typename T, typename Src, typename S>
+__attribute__((always_inline)) inline void InputTile(const Src* const (&d)[4][4], S* v,
                                                      int64_t stride, int64_t k) {
   T r[4][4];
   for (int i = 0; i < 4; ++i) {  // rows: d . B
@@ -261,10 +294,10 @@ __attribute__((always_inline)) inline void InputTile(const float* const (&d)[4][
 
 // channels [k, k + lanes) of one tile's products m -> its 2x2 outputs (A^T . m . A), + bias,
 // at least `lo` (0 for a ReLU); outputs past dst's edge (odd sizes) are not stored
-template <typename T>
+template <typename T, typename D>
 __attribute__((always_inline)) inline void OutputTile(const float* m, int64_t stride,
                                                       const float* bias, T lo,
-                                                      float* const (&y)[2][2],
+                                                      D* const (&y)[2][2],
                                                       const float* const (&r)[2][2],
                                                       const bool (&keep)[2][2], int64_t k) {
   T s[2][4];
@@ -286,15 +319,15 @@ __attribute__((always_inline)) inline void OutputTile(const float* m, int64_t st
 
 // Input tiles [t0, t0 + tc) of src (NHWC, N x H x W x C) into v[16][tc][C]; tiles past the
 // last (the padded end of the last chunk) read zeros.
-template <typename S>
+template <typename Src, typename S>
 __attribute__((always_inline)) inline void WinoInputTiles(
-    const float* src, S* v, const float* zeros, int64_t t0, int64_t tc, int64_t tiles,
+    const Src* src, S* v, const Src* zeros, int64_t t0, int64_t tc, int64_t tiles,
     int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl) {
 #pragma omp parallel for schedule(static)
   for (int64_t tl = 0; tl < tc; ++tl) {
     const int64_t t = t0 + tl;
     const int64_t n = t / (th * tw), ty = t / tw % th, tx = t % tw;
-    const float* d[4][4];
+    const Src* d[4][4];
     for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 4; ++j) {
         const int64_t y = 2 * ty - pt + i, x = 2 * tx - pl + j;
@@ -322,20 +355,26 @@ void WinoInput(const float* src, uint16_t* v, const float* zeros, int64_t t0, in
   WinoInputTiles(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl);
 }
 
-// m[16][tc][O] of tiles [t0, t0 + tc) -> their 2x2 outputs in dst (NHWC), + bias
-// (+ residual, of dst's shape), ReLU.
 __attribute__((target_clones("avx2", "default")))
-void WinoOutput(const float* m, const float* bias, const float* residual, float* dst,
-                int64_t t0, int64_t tc,
-                int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t o,
-                bool relu) {
+void WinoInput(const uint16_t* src, uint16_t* v, const uint16_t* zeros, int64_t t0, int64_t tc,
+               int64_t tiles, int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c,
+               int64_t pt, int64_t pl) {
+  WinoInputTiles(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl);
+}
+
+// m[16][tc][O] of tiles [t0, t0 + tc) -> their 2x2 outputs in dst (NHWC, D: float or
+// bfloat16 bits), + bias (+ residual, of dst's shape), ReLU.
+template <typename D>
+__attribute__((always_inline)) inline void WinoOutputTiles(
+    const float* m, const float* bias, const float* residual, D* dst, int64_t t0, int64_t tc,
+    int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t o, bool relu) {
   const int64_t end = std::min(tc, tiles - t0);
   const float lo = relu ? 0.f : -INFINITY;
 #pragma omp parallel for schedule(static)
   for (int64_t tl = 0; tl < end; ++tl) {
     const int64_t t = t0 + tl;
     const int64_t n = t / (th * tw), ty = t / tw % th, tx = t % tw;
-    float* y[2][2];
+    D* y[2][2];
     const float* r[2][2];
     bool keep[2][2];
     for (int p = 0; p < 2; ++p)
@@ -351,6 +390,20 @@ void WinoOutput(const float* m, const float* bias, const float* residual, float*
     for (; k + 8 <= o; k += 8) OutputTile<F8>(m + tl * o, tc * o, bias, lo8, y, r, keep, k);
     for (; k < o; ++k) OutputTile<float>(m + tl * o, tc * o, bias, lo, y, r, keep, k);
   }
+}
+
+__attribute__((target_clones("avx2", "default")))
+void WinoOutput(const float* m, const float* bias, const float* residual, float* dst,
+                int64_t t0, int64_t tc, int64_t tiles, int64_t th, int64_t tw, int64_t oh,
+                int64_t ow, int64_t o, bool relu) {
+  WinoOutputTiles(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu);
+}
+
+__attribute__((target_clones("avx2", "default")))
+void WinoOutput(const float* m, const float* bias, const float* residual, uint16_t* dst,
+                int64_t t0, int64_t tc, int64_t tiles, int64_t th, int64_t tw, int64_t oh,
+                int64_t ow, int64_t o, bool relu) {
+  WinoOutputTiles(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu);
 }
 
 std::shared_ptr<Wino> MakeWino(const TensorView& weight, int64_t tiles, bool bf16) {
@@ -420,11 +473,12 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
   const int64_t tc = wino->tc;
   // per calling thread: engines may run on several threads at once
   thread_local std::vector<float> v, m, zeros;
-  thread_local std::vector<uint16_t> vb;
+  thread_local std::vector<uint16_t> vb, zeros_b;  // bfloat16 tiles; bfloat16 zero is 0
   if (!bf16 && static_cast<int64_t>(v.size()) < 16 * tc * c) v.resize(16 * tc * c);
   if (bf16 && static_cast<int64_t>(vb.size()) < 16 * tc * c) vb.resize(16 * tc * c);
   if (static_cast<int64_t>(m.size()) < 16 * tc * o) m.resize(16 * tc * o);
   if (static_cast<int64_t>(zeros.size()) < c) zeros.assign(c, 0.f);
+  if (static_cast<int64_t>(zeros_b.size()) < c) zeros_b.assign(c, 0);
   using dt = dnnl::memory::data_type;
   using tag = dnnl::memory::format_tag;
   auto& eng = CpuEngine();
@@ -432,18 +486,27 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
   dnnl::memory v_m({{16, tc, c}, bf16 ? dt::bf16 : dt::f32, tag::abc}, eng,
                    bf16 ? static_cast<void*>(vb.data()) : static_cast<void*>(v.data()));
   dnnl::memory m_m({{16, tc, o}, dt::f32, tag::abc}, eng, m.data());
-  const float* in = static_cast<const float*>(src.data_ptr());
   const float* res = residual ? static_cast<const float*>(residual->data_ptr()) : nullptr;
+  const float* b = static_cast<const float*>(bias.data_ptr());
   for (int64_t t0 = 0; t0 < tiles; t0 += tc) {
-    if (bf16)
-      WinoInput(in, vb.data(), zeros.data(), t0, tc, tiles, th, tw, h, w, c, pt, pl);
+    if (IsBf16(src))  // bfloat16 activations (checked by RunF32: only with bf16 products)
+      WinoInput(static_cast<const uint16_t*>(src.data_ptr()), vb.data(), zeros_b.data(), t0, tc,
+                tiles, th, tw, h, w, c, pt, pl);
+    else if (bf16)
+      WinoInput(static_cast<const float*>(src.data_ptr()), vb.data(), zeros.data(), t0, tc,
+                tiles, th, tw, h, w, c, pt, pl);
     else
-      WinoInput(in, v.data(), zeros.data(), t0, tc, tiles, th, tw, h, w, c, pt, pl);
+      WinoInput(static_cast<const float*>(src.data_ptr()), v.data(), zeros.data(), t0, tc,
+                tiles, th, tw, h, w, c, pt, pl);
     wino->matmul.execute(s, {{DNNL_ARG_SRC, v_m}, {DNNL_ARG_WEIGHTS, wino->u},
                              {DNNL_ARG_DST, m_m}});
     s.wait();
-    WinoOutput(m.data(), static_cast<const float*>(bias.data_ptr()), res,
-               static_cast<float*>(dst.data_ptr()), t0, tc, tiles, th, tw, oh, ow, o, relu);
+    if (IsBf16(dst))
+      WinoOutput(m.data(), b, res, static_cast<uint16_t*>(dst.data_ptr()), t0, tc, tiles, th,
+                 tw, oh, ow, o, relu);
+    else
+      WinoOutput(m.data(), b, res, static_cast<float*>(dst.data_ptr()), t0, tc, tiles, th, tw,
+                 oh, ow, o, relu);
   }
 }
 
@@ -456,10 +519,11 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
 void RunF32(TensorView src, TensorView weight, TensorView bias, const TensorView* residual,
             int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t dh,
             int64_t dw, int64_t relu, int64_t compute, TensorView dst) {
-  CheckF32(src, "src", 4);
+  const bool bf16_ok = compute == 1 || compute == 3;  // bfloat16 activations in and out
+  CheckFloat(src, "src", 4, bf16_ok);
   CheckF32(weight, "weight", 4);
   CheckF32(bias, "bias", 1);
-  CheckF32(dst, "dst", 4);
+  CheckFloat(dst, "dst", 4, bf16_ok);
   if (residual != nullptr) {
     CheckF32(*residual, "residual", 4);
     for (int i = 0; i < 4; ++i)
@@ -481,8 +545,8 @@ void RunF32(TensorView src, TensorView weight, TensorView bias, const TensorView
   key << src.size(0) << ',' << src.size(1) << ',' << src.size(2) << ',' << src.size(3) << ';'
       << weight.size(0) << ',' << weight.size(1) << ',' << weight.size(2) << ';' << dst.size(1)
       << ',' << dst.size(2) << ';' << sh << sw << ';' << pt << ',' << pl << ',' << pb << ','
-      << pr << ';' << dh << dw << relu << bf16 << (residual != nullptr) << ';'
-      << weight.data_ptr();
+      << pr << ';' << dh << dw << relu << bf16 << (residual != nullptr) << ';' << IsBf16(src)
+      << IsBf16(dst) << ';' << weight.data_ptr();
   auto conv = Cached(
       key.str(), Fingerprint(static_cast<const float*>(weight.data_ptr()), weight.numel()),
       [&] {
@@ -524,10 +588,6 @@ void Conv2dNHWCAdd(TensorView src, TensorView weight, TensorView bias, int64_t s
                    int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t dh, int64_t dw,
                    int64_t relu, int64_t compute, TensorView residual, TensorView dst) {
   RunF32(src, weight, bias, &residual, sh, sw, pt, pl, pb, pr, dh, dw, relu, compute, dst);
-}
-
-bool IsDtype(const TensorView& t, DLDataTypeCode code, int bits) {
-  return t.dtype().code == code && t.dtype().bits == bits && t.dtype().lanes == 1;
 }
 
 dnnl::memory ScaleMemory(const float* values, int64_t n) {
@@ -671,10 +731,11 @@ void Conv2dNHWCInt8Add(TensorView src, TensorView weight, TensorView wscale, Ten
 }
 
 dnnl::memory::data_type ActivationType(const TensorView& t, const char* name) {
-  TVM_FFI_ICHECK((IsDtype(t, kDLUInt, 8) || IsDtype(t, kDLFloat, 32)) && t.ndim() == 4 &&
-                 t.IsContiguous() && t.device().device_type == kDLCPU)
-      << name << " must be a contiguous uint8 or float32 4-d tensor on the CPU";
-  return IsDtype(t, kDLUInt, 8) ? dnnl::memory::data_type::u8 : dnnl::memory::data_type::f32;
+  using dt = dnnl::memory::data_type;
+  TVM_FFI_ICHECK((IsDtype(t, kDLUInt, 8) || IsDtype(t, kDLFloat, 32) || IsBf16(t)) &&
+                 t.ndim() == 4 && t.IsContiguous() && t.device().device_type == kDLCPU)
+      << name << " must be a contiguous uint8, float32 or bfloat16 4-d tensor on the CPU";
+  return IsDtype(t, kDLUInt, 8) ? dt::u8 : IsBf16(t) ? dt::bf16 : dt::f32;
 }
 
 // Runs a one-input primitive (pooling, or a reorder: its FROM/TO are oneDNN's SRC/DST).
@@ -686,7 +747,7 @@ void ExecuteSrcDst(const Conv& p, const TensorView& src, const TensorView& dst) 
   s.wait();
 }
 
-// max_pool2d_nhwc(src NHWC f32|u8, kernel h, w, strides, pads (top, left, bottom, right),
+// max_pool2d_nhwc(src NHWC f32|bf16|u8, kernel h, w, strides, pads (top, left, bottom, right),
 //                 dst NHWC of src's type): padding never wins the max, as in Relax's op, so
 // ceil_mode is more bottom/right padding: read from dst's size. TVM compiles its own pool to
 // one thread; this one runs on oneDNN's threads.
@@ -717,7 +778,7 @@ void MaxPool2dNHWC(TensorView src, int64_t kh, int64_t kw, int64_t sh, int64_t s
   ExecuteSrcDst(*pool, src, dst);
 }
 
-// nhwc_to_nchw(src NHWC f32|u8, dst NCHW): the layout permute in front of a head output, as
+// nhwc_to_nchw(src NHWC f32|bf16|u8, dst NCHW): the layout permute in front of a head output, as
 // a oneDNN reorder (threaded) instead of TVM's one-thread transpose.
 void NHWCToNCHW(TensorView src, TensorView dst) {
   using tag = dnnl::memory::format_tag;
@@ -740,16 +801,16 @@ void NHWCToNCHW(TensorView src, TensorView dst) {
   ExecuteSrcDst(*r, src, dst);
 }
 
-// l2norm_nhwc(src NHWC f32, weight (C) f32, eps, dst NHWC f32): SSD's L2Norm on the layout
+// l2norm_nhwc(src NHWC f32|bf16, weight (C) f32, eps, dst NHWC f32): SSD's L2Norm on the layout
 // the convolutions write, dst = weight * src / (sqrt(sum over C of src^2) + eps) per pixel, in
 // the ONNX graph's order of operations. Relax's version runs as seven one-thread kernels in NCHW
 // between two permutes; this is one pass over the pixels on oneDNN's threads.
-__attribute__((target_clones("avx2", "default")))
-void L2NormPixels(const float* src, const float* w, float eps, float* dst, int64_t pixels,
-                  int64_t c) {
+template <typename Src>
+__attribute__((always_inline)) inline void L2NormRows(const Src* src, const float* w, float eps,
+                                                      float* dst, int64_t pixels, int64_t c) {
 #pragma omp parallel for schedule(static)
   for (int64_t p = 0; p < pixels; ++p) {
-    const float* x = src + p * c;
+    const Src* x = src + p * c;
     float* y = dst + p * c;
     F8 acc = {};
     int64_t k = 0;
@@ -759,26 +820,43 @@ void L2NormPixels(const float* src, const float* w, float eps, float* dst, int64
     }
     float sum = 0.f;
     for (int i = 0; i < 8; ++i) sum += acc[i];
-    for (; k < c; ++k) sum += x[k] * x[k];
+    for (; k < c; ++k) sum += Load<float>(x + k) * Load<float>(x + k);
     const float n = std::sqrt(sum) + eps;
     k = 0;
     for (; k + 8 <= c; k += 8) Store<F8>(y + k, Load<F8>(w + k) * Load<F8>(x + k) / n);
-    for (; k < c; ++k) y[k] = w[k] * x[k] / n;
+    for (; k < c; ++k) y[k] = w[k] * Load<float>(x + k) / n;
   }
 }
 
+__attribute__((target_clones("avx2", "default")))
+void L2NormPixels(const float* src, const float* w, float eps, float* dst, int64_t pixels,
+                  int64_t c) {
+  L2NormRows(src, w, eps, dst, pixels, c);
+}
+
+__attribute__((target_clones("avx2", "default")))
+void L2NormPixels(const uint16_t* src, const float* w, float eps, float* dst, int64_t pixels,
+                  int64_t c) {
+  L2NormRows(src, w, eps, dst, pixels, c);
+}
+
 void L2NormNHWC(TensorView src, TensorView weight, double eps, TensorView dst) {
-  CheckF32(src, "src", 4);
+  CheckFloat(src, "src", 4, true);
   CheckF32(weight, "weight", 1);
   CheckF32(dst, "dst", 4);
   for (int i = 0; i < 4; ++i)
     TVM_FFI_ICHECK(dst.size(i) == src.size(i)) << "dst must have src's shape";
   TVM_FFI_ICHECK(weight.size(0) == src.size(3)) << "weight must have one value per channel ("
                                                 << src.size(3) << "), got " << weight.size(0);
-  L2NormPixels(static_cast<const float*>(src.data_ptr()),
-               static_cast<const float*>(weight.data_ptr()), static_cast<float>(eps),
-               static_cast<float*>(dst.data_ptr()), src.size(0) * src.size(1) * src.size(2),
-               src.size(3));
+  const int64_t pixels = src.size(0) * src.size(1) * src.size(2);
+  const float* w = static_cast<const float*>(weight.data_ptr());
+  float* y = static_cast<float*>(dst.data_ptr());
+  if (IsBf16(src))
+    L2NormPixels(static_cast<const uint16_t*>(src.data_ptr()), w, static_cast<float>(eps), y,
+                 pixels, src.size(3));
+  else
+    L2NormPixels(static_cast<const float*>(src.data_ptr()), w, static_cast<float>(eps), y,
+                 pixels, src.size(3));
 }
 
 int64_t CacheSize() {
