@@ -253,7 +253,7 @@ def offload_glue(mod: Any) -> Any:
 
     def rewrite(expr: Any, m: Any) -> Any:
         ty = m[x].ty
-        if str(ty.dtype) not in ("float32", "uint8", "bfloat16") or ty.ndim != 4:
+        if str(ty.dtype) not in ("float32", "uint8") or ty.ndim != 4:
             return expr
         a = expr.attrs
         if pool in m:
