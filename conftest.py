@@ -72,7 +72,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="batch sizes of the end-to-end perf tests (default 1,8)")
     g.addoption("--perf-seconds", type=float, default=3.0,
                 help="target seconds per benchmark measurement (rounds are sized to it)")
-    g.addoption("--perf-min-rounds", type=int, default=3, help="minimum benchmark rounds")
+    g.addoption("--perf-min-rounds", type=int, default=5,
+                help="minimum benchmark rounds (default 5: the gates' medians then ignore two "
+                     "preempted rounds)")
     g.addoption("--perf-warmup", type=int, default=1, help="warm-up calls before timing")
     g.addoption("--records-dir", default="out",
                 help="where accuracy records (accuracy.json) are written (default ./out)")

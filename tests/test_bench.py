@@ -50,3 +50,33 @@ def test_end_to_end_is_divided_by_engine_only_measured_around_it(sample_set):
     # decoding runs ahead in threads: the data path costs the engine a little, not 4x
     assert 0.5 < rec.ratio_vs_engine_only <= 1.05
     assert rec.images_per_call == len(sample_set.images)
+
+
+class PreemptedRunner(SleepyRunner):
+    """Fast, but its ``every``-th call is preempted: ``slow`` seconds, as a call is on a shared
+    machine when a neighbour takes the core."""
+
+    def __init__(self, delay: float, slow: float, every: int) -> None:
+        super().__init__(delay)
+        self.slow, self.every, self.calls = slow, every, 0
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        self.calls += 1
+        time.sleep(self.slow if self.calls % self.every == 0 else self.delay)
+        return [np.zeros((batch.shape[0], 1), np.float32)]
+
+
+def test_ratio_is_of_medians_so_one_preempted_round_cannot_decide_it():
+    """Two runners of equal speed, one preempted once in its five rounds (10x slower): the mean
+    img/s shows the preemption, the ratio the gates read does not."""
+    from ssd_pipeline.suite.bench import REFERENCE
+
+    x = np.zeros((1, 3, 300, 300), np.float32)
+    steady = SleepyRunner(0.01)
+    preempted = PreemptedRunner(0.01, 0.1, every=4)  # its 4th call: the 2nd timed round
+    log = SpeedLog(lambda b, p: steady if (b, p) == REFERENCE else preempted, lambda b: x,
+                   BenchSettings(warmup=1, seconds=0.01, min_rounds=5, max_rounds=5), 1.0)
+    rec = log.engine_only("fake", "fp32", 1)
+    assert rec.rounds == 5 and rec.latency_ms_max > 80  # the preempted round was timed
+    assert rec.images_per_s < 0.6 * rec.onnxruntime_images_per_s  # the mean took the hit
+    assert 0.7 < rec.ratio_vs_onnxruntime < 1.4  # the medians did not
