@@ -2,11 +2,15 @@
 (softmax, per-level top-k and score threshold, delta decoding, mmcv ``batched_nms``), as the
 original does; boxes come back in original-image pixels (``rescale=True``).
 
-One piece is ours: :func:`grouped_nms`, the ``nms`` that ``batched_nms`` calls. It runs mmcv's
-own NMS kernel on groups of boxes that cannot overlap, in mmcv's own order, so it returns
-exactly what mmcv's ``nms`` returns (``tests/test_postprocess.py`` checks it bit for bit)
-while doing far less work: ``batched_nms`` shifts each class to its own x range and then
-compares every box with every other, across classes.
+Two pieces are ours, each returning exactly what the mmdet/mmcv function it stands in for
+returns (``tests/test_postprocess.py`` checks both bit for bit) with far less work:
+
+- :func:`grouped_nms`, the ``nms`` that ``batched_nms`` calls. It runs mmcv's own NMS kernel
+  on groups of boxes that cannot overlap, in mmcv's own order: ``batched_nms`` shifts each
+  class to its own x range and then compares every box with every other, across classes.
+- :func:`topk_filter`, the ``filter_scores_and_topk`` that mmdet's per-level decoding calls:
+  one ``topk`` instead of a mask, a gather, ``nonzero`` and a sort of every score above the
+  threshold, where the order of the scores it keeps is unique, else mmdet's own.
 """
 
 from __future__ import annotations
@@ -101,6 +105,57 @@ def grouped_nms(boxes: Any, scores: Any, iou_threshold: float, offset: int = 0,
     return torch.cat((boxes[inds], scores[inds].reshape(-1, 1)), dim=1), inds
 
 
+def topk_filter(scores: Any, score_thr: float, topk: int, results: Any = None
+                ) -> tuple[Any, Any, Any, Any]:
+    """``mmdet.models.utils.filter_scores_and_topk``, same arguments, same result: the ``topk``
+    highest of the (anchor, class) scores above ``score_thr``, in descending order, with
+    their labels, anchor indices and ``results`` rows.
+
+    mmdet masks the scores, gathers those above the threshold with their ``nonzero``
+    indices and sorts them all: a random-init SSD300 sends hundreds of thousands per image.
+    This asks ``torch.topk`` for ``topk + 1`` of all scores instead. The two agree wherever
+    the order is unique: no two kept scores are equal, and the best one left out is below
+    the last one kept (or not above the threshold). Equal scores come out of a sort in an
+    order of the implementation's choosing (x86-simd-sort's on AVX-512 builds of torch,
+    which no partial selection reproduces), so there, and for NaN and inputs this does not
+    cover, mmdet's own function runs."""
+    import torch
+    from mmdet.models.utils import filter_scores_and_topk
+
+    if (not isinstance(scores, torch.Tensor) or scores.dim() != 2 or not isinstance(results, dict)
+            or not 0 < topk < scores.numel()):
+        return filter_scores_and_topk(scores, score_thr, topk, results)
+    vals, flat = scores.reshape(-1).topk(topk + 1)  # sorted, NaN first
+    kept = int((vals[:topk] > score_thr).sum())  # a prefix: vals descend
+    top = vals[:kept]
+    unique = (kept < topk or vals[topk] < vals[topk - 1]) and bool((top[1:] < top[:-1]).all())
+    if not unique or bool(torch.isnan(vals[0])):
+        return filter_scores_and_topk(scores, score_thr, topk, results)
+    keep_idxs = torch.div(flat[:kept], scores.shape[1], rounding_mode="floor")
+    labels = flat[:kept] - keep_idxs * scores.shape[1]
+    return top, labels, keep_idxs, {k: v[keep_idxs] for k, v in results.items()}
+
+
+def _with_topk_filter(head: Any) -> None:
+    """``head`` decodes through mmdet's own ``_predict_by_feat_single`` with
+    :func:`topk_filter` where it calls ``filter_scores_and_topk``: the same code object, run
+    with that one global swapped, for this head only (mmdet offers no hook for it, and a
+    process-wide patch would reach the torch backend's mmdet model too). A head with its own
+    ``_predict_by_feat_single`` is left as it is."""
+    import types
+
+    from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
+
+    fn = type(head)._predict_by_feat_single
+    if fn is not BaseDenseHead._predict_by_feat_single:
+        return
+    swapped = types.FunctionType(fn.__code__, {**fn.__globals__,
+                                               "filter_scores_and_topk": topk_filter},
+                                 fn.__name__, fn.__defaults__, fn.__closure__)
+    swapped.__kwdefaults__ = fn.__kwdefaults__
+    head._predict_by_feat_single = types.MethodType(swapped, head)
+
+
 def _writable_f32(a: np.ndarray) -> np.ndarray:
     """``a`` as float32 that torch may wrap (torch warns on read-only arrays): itself when it
     already is, strides kept, else a copy."""
@@ -129,15 +184,16 @@ def _nms_kernel() -> Any:
 
 class Postprocessor:
     """Decodes raw head outputs with the head that the config describes (weights unused).
-    ``grouped``: NMS through :func:`grouped_nms` (the default; equal to mmcv's); False runs
-    mmcv's ``nms`` itself, as the equality test does. ``workers``: threads that decode a
+    ``shortcuts``: NMS through :func:`grouped_nms` and the per-level selection through
+    :func:`topk_filter` (the default; equal to mmcv's and mmdet's); False runs theirs, as
+    the equality tests do. ``workers``: threads that decode a
     batch's images side by side (default 1), for heads with at least THREADED_MIN_SCORES
     class scores per image. mmdet decodes each image on its own, so the images split into
     contiguous runs, one ``predict_by_feat`` per run, with the same detections; its sorts
     and mmcv's NMS kernel run on one core and release the GIL."""
 
     def __init__(self, cfg: Any, cat_ids: list[int] | None = None, head: Any = None,
-                 grouped: bool = True, workers: int = 1) -> None:
+                 shortcuts: bool = True, workers: int = 1) -> None:
         if workers < 1:
             raise UserError(f"post-processing workers must be at least 1, got {workers}")
         self.workers = workers
@@ -152,8 +208,10 @@ class Postprocessor:
             head = MODELS.build(head_cfg)
             head.loss_cls = None  # mmdet 3.3.0 bug, as in model.build_model
         nms_cfg = head.test_cfg.get("nms")
-        if grouped and nms_cfg is not None and nms_cfg.get("type", "nms") == "nms":
+        if shortcuts and nms_cfg is not None and nms_cfg.get("type", "nms") == "nms":
             nms_cfg["type"] = grouped_nms
+        if shortcuts:
+            _with_topk_filter(head)
         self.head = head.eval()
         self.num_levels = len(self.head.prior_generator.strides)
         num_classes = self.head.num_classes

@@ -1,8 +1,9 @@
-"""Our one piece of post-processing, ``grouped_nms``, returns exactly what mmcv's ``nms``
-returns: the same indices in the same order and the same scores, bit for bit, on sets built
-to break it (tied scores, touching and degenerate boxes, one dense class, thresholds at the
-edges) and on real head outputs through mmdet's ``predict_by_feat``; images decoded on several
-threads give what one thread gives."""
+"""Our two pieces of post-processing return exactly what they stand in for: ``grouped_nms``
+what mmcv's ``nms`` returns (the same indices in the same order and the same scores, bit for
+bit) and ``topk_filter`` what mmdet's ``filter_scores_and_topk`` returns, on sets built to
+break them (tied scores, touching and degenerate boxes, one dense class, thresholds at the
+edges, NaN) and on real head outputs through mmdet's ``predict_by_feat``; images decoded on
+several threads give what one thread gives."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from ssd_pipeline import postprocess
 from ssd_pipeline.core.errors import UserError
-from ssd_pipeline.postprocess import Detections, Postprocessor, grouped_nms
+from ssd_pipeline.postprocess import Detections, Postprocessor, grouped_nms, topk_filter
 
 
 def random_set(rng: np.random.Generator, n: int, classes: int, *, tied_scores: bool,
@@ -78,6 +79,77 @@ def test_grouped_nms_splits_classes_and_passes_the_rest_to_mmcv():
         np.testing.assert_array_equal(np.asarray(ours[0]), np.asarray(ref[0]))
 
 
+class CountedFilter:
+    """mmdet's ``filter_scores_and_topk``, counting its calls: how often ``topk_filter``
+    handed a level back to it."""
+
+    def __init__(self, monkeypatch) -> None:
+        import mmdet.models.utils as utils
+
+        self.original, self.calls = utils.filter_scores_and_topk, 0
+        monkeypatch.setattr(utils, "filter_scores_and_topk", self)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.original(*args, **kwargs)
+
+
+def level_scores(rng: np.random.Generator, case: str) -> torch.Tensor:
+    """One level's (anchor, class) scores, 3000 x 21, built for ``case``."""
+    s = rng.uniform(0, 1, (3000, 21)).astype(np.float32)
+    if case == "tie inside":  # two equal scores among the 100 kept
+        s.flat[np.argsort(s, axis=None)[-5]] = s.flat[np.argsort(s, axis=None)[-6]]
+    elif case == "tie at the edge":  # the 100th and the 101st equal
+        order = np.argsort(s, axis=None)
+        s.flat[order[-101]] = s.flat[order[-100]]
+    elif case == "few above the threshold":
+        s *= 0.01
+        s.flat[rng.choice(s.size, 40, replace=False)] = rng.uniform(0.5, 1, 40)
+    elif case == "none above the threshold":
+        s *= 0.01
+    elif case == "NaN":
+        s.flat[7] = np.nan
+    elif case == "saturated":  # softmax of large logits: many scores exactly 1.0
+        s = torch.from_numpy(rng.normal(0, 40, (3000, 22)).astype(np.float32)).softmax(-1)
+        return s[:, :-1].contiguous()
+    return torch.from_numpy(s)
+
+
+@pytest.mark.parametrize("case,shortcut", [
+    ("distinct", True), ("few above the threshold", True), ("none above the threshold", True),
+    ("tie inside", False), ("tie at the edge", False), ("NaN", False), ("saturated", False)])
+def test_topk_filter_equals_mmdet(case, shortcut, monkeypatch):
+    """Scores, labels, anchor indices and results rows equal mmdet's, bit for bit; where the
+    kept order is not unique (equal scores, NaN) it is mmdet's own function that answers,
+    and where it is, it is not (the shortcut really ran)."""
+    from mmdet.models.utils import filter_scores_and_topk
+
+    scores = level_scores(np.random.default_rng(3), case)
+    results = {"bbox_pred": torch.randn(scores.shape[0], 4),
+               "priors": torch.rand(scores.shape[0], 4)}
+    want = filter_scores_and_topk(scores, 0.02, 100, results)
+    counted = CountedFilter(monkeypatch)
+    got = topk_filter(scores, 0.02, 100, results)
+    assert counted.calls == (0 if shortcut else 1)
+    for a, b in zip(got[:3], want[:3], strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert got[3].keys() == want[3].keys()
+    for k in want[3]:
+        assert torch.equal(got[3][k], want[3][k]), k
+
+
+def test_topk_filter_passes_what_it_does_not_cover_to_mmdet(monkeypatch):
+    """No limit (``nms_pre`` -1), a limit past the scores' count, results as a list: mmdet's
+    function runs them."""
+    scores = level_scores(np.random.default_rng(4), "distinct")
+    rows = torch.randn(scores.shape[0], 4)
+    counted = CountedFilter(monkeypatch)
+    for args in ((scores, 0.02, -1, {"r": rows}), (scores, 0.02, scores.numel(), {"r": rows}),
+                 (scores, 0.02, 100, [rows])):
+        topk_filter(*args)
+    assert counted.calls == 3
+
+
 def assert_same_detections(ours: list[Detections], ref: list[Detections]) -> None:
     assert [d.img_id for d in ours] == [d.img_id for d in ref]
     for a, b in zip(ours, ref, strict=True):
@@ -86,24 +158,34 @@ def assert_same_detections(ours: list[Detections], ref: list[Detections]) -> Non
                                           err_msg=f"image {a.img_id}: {field}")
 
 
-def test_postprocessor_detections_equal_mmcv_nms(model_name, bundles, sample_batch,
-                                                 head_outputs):
-    """The whole mmdet post-processing with our NMS and with mmcv's: the same detections, on
-    the model's real outputs and on saturated logits (one class everywhere, thousands of
-    candidates per image: what a random-init SSD300 sends, and NMS's worst case)."""
+def test_postprocessor_detections_equal_mmdet_and_mmcv(model_name, bundles, sample_batch,
+                                                       head_outputs, monkeypatch):
+    """The whole mmdet post-processing with our shortcuts (NMS, per-level top-k) and with
+    mmdet's and mmcv's own code: the same detections, on the model's real outputs and on
+    saturated logits (one class everywhere, thousands of candidates per image: what a
+    random-init SSD300 sends, and NMS's worst case). On the real outputs the top-k shortcut
+    served levels itself (it is not all handed back to mmdet)."""
     b = bundles(model_name)
     ours = b.postprocessor()
-    ref = Postprocessor(b.cfg, ours.cat_ids.tolist(), grouped=False)
+    ref = Postprocessor(b.cfg, ours.cat_ids.tolist(), shortcuts=False)
     assert ours.head.test_cfg.nms["type"] is grouped_nms
     assert ref.head.test_cfg.nms.get("type", "nms") == "nms"
+    assert "_predict_by_feat_single" in vars(ours.head)
+    assert "_predict_by_feat_single" not in vars(ref.head)
     metas = sample_batch.metas
     outputs = head_outputs(model_name, "torch")
     rng = np.random.default_rng(0)
     saturated = [rng.normal(0, 8, o.shape).astype(np.float32) for o in outputs]
+    counted = CountedFilter(monkeypatch)
     for outs in (outputs, saturated):
-        got, want = ours(outs, metas), ref(outs, metas)
+        counted.calls = 0
+        got = ours(outs, metas)
+        handed_back = counted.calls
+        want = ref(outs, metas)
         assert sum(map(len, want)) > 0, "no detections: nothing compared"
         assert_same_detections(got, want)
+        if outs is outputs:
+            assert handed_back < ours.num_levels * len(metas)
 
 
 def test_postprocessor_workers_give_the_same_detections(model_name, bundles, sample_batch,
