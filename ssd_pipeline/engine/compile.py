@@ -32,7 +32,7 @@ from ..core.host import cpu_flags, default_threads, host_cpu
 from ..core.onnxfile import load_onnx
 
 # Bump when the pass pipeline changes: it is part of every engine's cache key.
-PIPELINE_VERSION = 10
+PIPELINE_VERSION = 11
 ENGINE_FILE = "engine.so"
 META_FILE = "engine.json"
 INPUT_CHW = (3, 300, 300)
@@ -190,9 +190,9 @@ def winograd_fits(attrs: Any, weight_shape: Any, out_shape: Any) -> bool:
 
 
 def offload_convolutions(mod: Any, bf16: bool, winograd: bool = False) -> Any:
-    """NHWC graph; each conv2d(+bias)(+ReLU) becomes one oneDNN call, and at fp32 a residual
-    block's conv(+bias) -> add -> ReLU too (the add a oneDNN post-op, so the block's output is
-    written once; not at bf16). ``winograd``: the 3x3 stride-1 ones that
+    """NHWC graph; each conv2d(+bias)(+ReLU) becomes one oneDNN call, and so does a residual
+    block's conv(+bias) -> add -> ReLU (the add a oneDNN post-op, so the block's output is
+    written once). ``winograd``: the 3x3 stride-1 ones that
     :func:`winograd_fits` run as Winograd F(2x2, 3x3), at bf16 with bfloat16 products."""
     import tvm
     import tvm_ffi
@@ -213,10 +213,11 @@ def offload_convolutions(mod: Any, bf16: bool, winograd: bool = False) -> Any:
             compute = COMPUTE_WINOGRAD_BF16 if bf16 else COMPUTE_WINOGRAD
         args = [m[p.x], m[p.w], relax.const(m[p.b].value.numpy().reshape(-1)),
                 *int_args([*p.geometry(m), is_relu, compute])]
-        if bf16 and is_relu and not extra:
+        if bf16 and is_relu:
             # a ReLU's output is an activation: written in bfloat16, which the next
-            # convolution or pool reads as is (:func:`bf16_activations` drops the astype)
-            out = relax.call_dps_packed(CONV2D_NHWC, args,
+            # convolution, pool or residual add reads as is (:func:`bf16_activations` drops
+            # the astype)
+            out = relax.call_dps_packed(CONV2D_NHWC_ADD if extra else CONV2D_NHWC, args + extra,
                                         out_ty=relax.TensorType(expr.ty.shape, "bfloat16"))
             return relax.op.astype(out, "float32")
         return relax.call_dps_packed(CONV2D_NHWC_ADD if extra else CONV2D_NHWC, args + extra,
@@ -224,7 +225,7 @@ def offload_convolutions(mod: Any, bf16: bool, winograd: bool = False) -> Any:
 
     def fuse_residual(expr: Any, m: Any) -> Any:
         same = tvm_ffi.structural_equal(m[p.residual].ty, m[p.add].ty)  # no broadcasting
-        if bf16 or not same or str(m[p.residual].ty.dtype) != "float32":
+        if not same or str(m[p.residual].ty.dtype) != "float32":
             return expr
         return call(expr, m, True, [m[p.residual]])
 
@@ -280,14 +281,14 @@ CONV_ARGS, POOL_ARGS, L2NORM_ARGS = 13, 9, 3  # the shim calls' argument counts 
 
 def bf16_activations(mod: Any) -> Any:
     """bfloat16 engines: a bfloat16 activation (a ReLU convolution's output) is read as is by
-    the shim calls that take bfloat16 (bfloat16 convolutions, max pools, L2Norm) instead of
-    through a float32 copy; a pool of one is done in bfloat16 (max commutes with the rounding).
-    What is left of the copies feeds float ops (heads, residual adds)."""
+    the shim calls that take bfloat16 (bfloat16 convolutions and their residual inputs, max
+    pools, L2Norm) instead of through a float32 copy; a pool of one is done in bfloat16 (max
+    commutes with the rounding). What is left of the copies feeds float ops (the heads)."""
     import tvm
     from tvm import relax
     from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
-    from .kernels import CONV2D_NHWC, L2NORM_NHWC, MAX_POOL2D_NHWC
+    from .kernels import CONV2D_NHWC, CONV2D_NHWC_ADD, L2NORM_NHWC, MAX_POOL2D_NHWC
 
     def bf16_source(arg: Any, var2val: Any) -> Any:
         """``y`` where ``arg`` is ``astype(y, float32)`` of a bfloat16 ``y``, else None."""
@@ -303,12 +304,20 @@ def bf16_activations(mod: Any) -> Any:
 
     def fold(expr: Any, m: Any, var2val: Any) -> Any:
         name, args = getattr(m[fn], "global_symbol", None), list(expr.args[1].fields)
+        if (name, len(args)) in ((CONV2D_NHWC, CONV_ARGS), (CONV2D_NHWC_ADD, CONV_ARGS + 1)) \
+                and int(args[COMPUTE_ARG].value) in (COMPUTE_BF16, COMPUTE_WINOGRAD_BF16):
+            # src, and a residual block's residual (the argument after compute)
+            at = [0] + ([CONV_ARGS] if name == CONV2D_NHWC_ADD else [])
+            new = list(args)
+            for i in at:
+                y = bf16_source(args[i], var2val)
+                new[i] = args[i] if y is None else y
+            if all(a.same_as(b) for a, b in zip(new, args, strict=True)):
+                return expr
+            return relax.call_dps_packed(m[fn], new, out_ty=expr.ty)
         y = bf16_source(args[0], var2val) if args else None
         if y is None:
             return expr
-        if name == CONV2D_NHWC and len(args) == CONV_ARGS and int(
-                args[COMPUTE_ARG].value) in (COMPUTE_BF16, COMPUTE_WINOGRAD_BF16):
-            return relax.call_dps_packed(m[fn], [y, *args[1:]], out_ty=expr.ty)
         if name == L2NORM_NHWC and len(args) == L2NORM_ARGS:
             return relax.call_dps_packed(m[fn], [y, *args[1:]], out_ty=expr.ty)
         if name == MAX_POOL2D_NHWC and len(args) == POOL_ARGS:

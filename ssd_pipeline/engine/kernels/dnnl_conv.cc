@@ -10,8 +10,8 @@
 // its 16 products in bfloat16 (transforms in float32, products accumulated in float32).
 // At bfloat16 (compute 1 and 3) src and dst may also be bfloat16 tensors: activations stay
 // bfloat16 from one convolution to the next (max pools and L2Norm read them too).
-// conv2d_nhwc_add also adds a float32 residual of dst's shape before the ReLU (a residual
-// block's conv -> add -> relu as one primitive: a binary post-op).
+// conv2d_nhwc_add also adds a residual of dst's shape before the ReLU (a residual block's
+// conv -> add -> relu as one primitive: a binary post-op), float32 or, at bfloat16, bfloat16.
 //
 // int8 (conv2d_nhwc_int8): u8 NHWC activations (zero point 0: they follow a ReLU), s8 OHWI
 // weights with one scale per output channel, f32 bias; s32 accumulation, the scales, bias and
@@ -149,7 +149,7 @@ dnnl::primitive_attr PostOpsAttr(bool relu, const dnnl::memory::desc* residual =
 std::shared_ptr<Conv> MakeConv(const TensorView& src, const TensorView& weight,
                                const TensorView& dst, int64_t sh, int64_t sw, int64_t pt,
                                int64_t pl, int64_t pb, int64_t pr, int64_t dh, int64_t dw,
-                               bool relu, bool bf16, bool residual) {
+                               bool relu, bool bf16, const TensorView* residual) {
   using tag = dnnl::memory::format_tag;
   using dt = dnnl::memory::data_type;
   const auto [n, h, w, c, o, kh, kw, oh, ow, pointwise] =
@@ -157,9 +157,11 @@ std::shared_ptr<Conv> MakeConv(const TensorView& src, const TensorView& weight,
   auto conv = std::make_shared<Conv>();
   const dt compute = bf16 ? dt::bf16 : dt::f32;
   const dt src_dt = IsBf16(src) ? dt::bf16 : dt::f32, dst_dt = IsBf16(dst) ? dt::bf16 : dt::f32;
-  if (residual)
-    conv->residual_md = pointwise ? dnnl::memory::desc({n * h * w, o}, dt::f32, tag::ab)
-                                  : dnnl::memory::desc({n, o, oh, ow}, dt::f32, tag::nhwc);
+  if (residual != nullptr) {
+    const dt r_dt = IsBf16(*residual) ? dt::bf16 : dt::f32;
+    conv->residual_md = pointwise ? dnnl::memory::desc({n * h * w, o}, r_dt, tag::ab)
+                                  : dnnl::memory::desc({n, o, oh, ow}, r_dt, tag::nhwc);
+  }
   dnnl::primitive_attr attr = PostOpsAttr(relu, residual ? &conv->residual_md : nullptr);
   dnnl::stream s(CpuEngine());
   if (pointwise) {
@@ -292,13 +294,14 @@ __attribute__((always_inline)) inline void InputTile(const Src* const (&d)[4][4]
   }
 }
 
-// channels [k, k + lanes) of one tile's products m -> its 2x2 outputs (A^T . m . A), + bias,
-// at least `lo` (0 for a ReLU); outputs past dst's edge (odd sizes) are not stored
-template <typename T, typename D>
+// channels [k, k + lanes) of one tile's products m -> its 2x2 outputs (A^T . m . A), + bias
+// (+ residual R: float or bfloat16 bits), at least `lo` (0 for a ReLU); outputs past dst's
+// edge (odd sizes) are not stored
+template <typename T, typename R, typename D>
 __attribute__((always_inline)) inline void OutputTile(const float* m, int64_t stride,
                                                       const float* bias, T lo,
                                                       D* const (&y)[2][2],
-                                                      const float* const (&r)[2][2],
+                                                      const R* const (&r)[2][2],
                                                       const bool (&keep)[2][2], int64_t k) {
   T s[2][4];
   for (int j = 0; j < 4; ++j) {  // A^T . m
@@ -364,9 +367,9 @@ void WinoInput(const uint16_t* src, uint16_t* v, const uint16_t* zeros, int64_t 
 
 // m[16][tc][O] of tiles [t0, t0 + tc) -> their 2x2 outputs in dst (NHWC, D: float or
 // bfloat16 bits), + bias (+ residual, of dst's shape), ReLU.
-template <typename D>
+template <typename R, typename D>
 __attribute__((always_inline)) inline void WinoOutputTiles(
-    const float* m, const float* bias, const float* residual, D* dst, int64_t t0, int64_t tc,
+    const float* m, const float* bias, const R* residual, D* dst, int64_t t0, int64_t tc,
     int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t o, bool relu) {
   const int64_t end = std::min(tc, tiles - t0);
   const float lo = relu ? 0.f : -INFINITY;
@@ -375,7 +378,7 @@ __attribute__((always_inline)) inline void WinoOutputTiles(
     const int64_t t = t0 + tl;
     const int64_t n = t / (th * tw), ty = t / tw % th, tx = t % tw;
     D* y[2][2];
-    const float* r[2][2];
+    const R* r[2][2];
     bool keep[2][2];
     for (int p = 0; p < 2; ++p)
       for (int q = 0; q < 2; ++q) {
@@ -401,6 +404,20 @@ void WinoOutput(const float* m, const float* bias, const float* residual, float*
 
 __attribute__((target_clones("avx2", "default")))
 void WinoOutput(const float* m, const float* bias, const float* residual, uint16_t* dst,
+                int64_t t0, int64_t tc, int64_t tiles, int64_t th, int64_t tw, int64_t oh,
+                int64_t ow, int64_t o, bool relu) {
+  WinoOutputTiles(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu);
+}
+
+__attribute__((target_clones("avx2", "default")))
+void WinoOutput(const float* m, const float* bias, const uint16_t* residual, uint16_t* dst,
+                int64_t t0, int64_t tc, int64_t tiles, int64_t th, int64_t tw, int64_t oh,
+                int64_t ow, int64_t o, bool relu) {
+  WinoOutputTiles(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu);
+}
+
+__attribute__((target_clones("avx2", "default")))
+void WinoOutput(const float* m, const float* bias, const uint16_t* residual, float* dst,
                 int64_t t0, int64_t tc, int64_t tiles, int64_t th, int64_t tw, int64_t oh,
                 int64_t ow, int64_t o, bool relu) {
   WinoOutputTiles(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu);
@@ -486,7 +503,11 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
   dnnl::memory v_m({{16, tc, c}, bf16 ? dt::bf16 : dt::f32, tag::abc}, eng,
                    bf16 ? static_cast<void*>(vb.data()) : static_cast<void*>(v.data()));
   dnnl::memory m_m({{16, tc, o}, dt::f32, tag::abc}, eng, m.data());
-  const float* res = residual ? static_cast<const float*>(residual->data_ptr()) : nullptr;
+  // a residual in float32 or in bfloat16 (a bfloat16 engine's activation)
+  const bool res_bf16 = residual != nullptr && IsBf16(*residual);
+  const float* res = residual != nullptr && !res_bf16
+                         ? static_cast<const float*>(residual->data_ptr()) : nullptr;
+  const uint16_t* res_b = res_bf16 ? static_cast<const uint16_t*>(residual->data_ptr()) : nullptr;
   const float* b = static_cast<const float*>(bias.data_ptr());
   for (int64_t t0 = 0; t0 < tiles; t0 += tc) {
     if (IsBf16(src))  // bfloat16 activations (checked by RunF32: only with bf16 products)
@@ -501,7 +522,13 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
     wino->matmul.execute(s, {{DNNL_ARG_SRC, v_m}, {DNNL_ARG_WEIGHTS, wino->u},
                              {DNNL_ARG_DST, m_m}});
     s.wait();
-    if (IsBf16(dst))
+    if (res_b != nullptr && IsBf16(dst))
+      WinoOutput(m.data(), b, res_b, static_cast<uint16_t*>(dst.data_ptr()), t0, tc, tiles, th,
+                 tw, oh, ow, o, relu);
+    else if (res_b != nullptr)
+      WinoOutput(m.data(), b, res_b, static_cast<float*>(dst.data_ptr()), t0, tc, tiles, th,
+                 tw, oh, ow, o, relu);
+    else if (IsBf16(dst))
       WinoOutput(m.data(), b, res, static_cast<uint16_t*>(dst.data_ptr()), t0, tc, tiles, th,
                  tw, oh, ow, o, relu);
     else
@@ -514,8 +541,9 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
 //             dilations, relu, compute, dst NHWC); compute: 0 float32, 1 bfloat16, 2 float32
 //             Winograd (3x3, stride 1, dilation 1, pads 0 or 1), 3 Winograd with bfloat16
 //             products
-// conv2d_nhwc_add: the same with a float32 residual of dst's shape added before the ReLU (a
-// residual block's conv -> add -> relu in one pass over dst), the argument before dst
+// conv2d_nhwc_add: the same with a residual of dst's shape added before the ReLU (a residual
+// block's conv -> add -> relu in one pass over dst), the argument before dst: float32, or
+// bfloat16 with bfloat16 compute (1, 3)
 void RunF32(TensorView src, TensorView weight, TensorView bias, const TensorView* residual,
             int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t dh,
             int64_t dw, int64_t relu, int64_t compute, TensorView dst) {
@@ -525,7 +553,7 @@ void RunF32(TensorView src, TensorView weight, TensorView bias, const TensorView
   CheckF32(bias, "bias", 1);
   CheckFloat(dst, "dst", 4, bf16_ok);
   if (residual != nullptr) {
-    CheckF32(*residual, "residual", 4);
+    CheckFloat(*residual, "residual", 4, bf16_ok);
     for (int i = 0; i < 4; ++i)
       TVM_FFI_ICHECK(residual->size(i) == dst.size(i)) << "residual must have dst's shape";
   }
@@ -545,13 +573,14 @@ void RunF32(TensorView src, TensorView weight, TensorView bias, const TensorView
   key << src.size(0) << ',' << src.size(1) << ',' << src.size(2) << ',' << src.size(3) << ';'
       << weight.size(0) << ',' << weight.size(1) << ',' << weight.size(2) << ';' << dst.size(1)
       << ',' << dst.size(2) << ';' << sh << sw << ';' << pt << ',' << pl << ',' << pb << ','
-      << pr << ';' << dh << dw << relu << bf16 << (residual != nullptr) << ';' << IsBf16(src)
+      << pr << ';' << dh << dw << relu << bf16 << (residual != nullptr)
+      << (residual != nullptr && IsBf16(*residual)) << ';' << IsBf16(src)
       << IsBf16(dst) << ';' << weight.data_ptr();
   auto conv = Cached(
       key.str(), Fingerprint(static_cast<const float*>(weight.data_ptr()), weight.numel()),
       [&] {
         return MakeConv(src, weight, dst, sh, sw, pt, pl, pb, pr, dh, dw, relu != 0, bf16 != 0,
-                        residual != nullptr);
+                        residual);
       });
   auto& eng = CpuEngine();
   dnnl::stream s(eng);
