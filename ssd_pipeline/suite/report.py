@@ -94,7 +94,7 @@ def _cell(r: dict[str, Any], key: str, fmt: str) -> str:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     out = ["| run | mode | backend | precision | batch | img/s | p50 ms | p90 ms | p99 ms "
-           "| GFLOP/s | vs onnxruntime | e2e / engine |", "|" + "---|" * 12]
+           "| GFLOP/s | vs onnxruntime (medians) | e2e / engine (medians) |", "|" + "---|" * 12]
     for r in sorted(rows, key=_key):
         gf, ratio, e2e = (_cell(r, "gflops", "{:.0f}"), _cell(r, "ratio_vs_onnxruntime", "{:.2f}x"),
                           _cell(r, "ratio_vs_engine_only", "{:.2f}"))
@@ -333,7 +333,7 @@ def readme_tables(perf_json: Path, accuracy_json: Path) -> str:
            "",
            "| backend / precision | " + " | ".join(f"bs {b} img/s" for b in batches)
            + f" | GFLOP/s (bs {mid}) | of peak / of oneDNN matmul (bs {mid}) "
-           "| vs ONNX Runtime fp32 (" + " / ".join(f"bs {b}" for b in batches) + ") |",
+           "| vs ONNX Runtime fp32, medians (" + " / ".join(f"bs {b}" for b in batches) + ") |",
            "|---|" + "---|" * (len(batches) + 3)]
     for backend, precision in cases:
         cells = [by.get((backend, precision, b)) for b in batches]
@@ -361,7 +361,7 @@ def readme_tables(perf_json: Path, accuracy_json: Path) -> str:
                 + "."]
     if e2e:
         out += ["", "End-to-end (JPEG decode + preprocessing + engine + mmdet decode/NMS) over "
-                "the engine-only img/s measured around it, same run: " + ", ".join(
+                "the engine-only img/s measured around it (medians), same run: " + ", ".join(
                     f"{r['backend']} {r['precision']} bs {r['batch']} "
                     f"{r['ratio_vs_engine_only']:.2f}"
                     for r in sorted(e2e, key=lambda r: (r["backend"], r["precision"],
