@@ -91,6 +91,24 @@ def test_peak_loop_follows_the_cpu_flags(flags, want):
         assert peak_kernel(precision, frozenset(flags)) == kernel, precision
 
 
+def test_peak_loops_run_every_multiply_add_they_count(store):
+    """Each peak loop computes the number of multiply-adds its ops/s is counted from. A loop
+    whose result reads fewer accumulators than it counts lets the compiler drop the others:
+    the AVX-512 loops once ran one chain of 12 and reported 3x this CPU's peak."""
+    import tvm_ffi
+
+    from ssd_pipeline.core.host import cpu_flags
+    from ssd_pipeline.engine.kernels import build_peak
+    from ssd_pipeline.engine.peak import PEAK_KERNELS
+
+    lib = tvm_ffi.load_module(str(build_peak(store)))
+    flags = cpu_flags()
+    kinds = [k for loops in PEAK_KERNELS.values() for k, need in loops if need <= flags]
+    assert kinds, "this CPU has none of the peak loops' instruction sets"
+    for kind in kinds:
+        assert lib.peak_check(kind, 1000) == 1.0, kind
+
+
 def test_ceilings_are_measured_for_this_cpu(store):
     """Every precision this CPU has a peak loop for gets a peak and a oneDNN ceiling, both
     positive and each the per-thread sum it claims to be (no timing limit is asserted)."""

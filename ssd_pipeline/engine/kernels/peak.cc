@@ -41,97 +41,138 @@ double Parallel(int threads, F body) {
 
 constexpr int kAcc = 12;  // independent chains: > latency x ports of any of these units
 
-__attribute__((target("avx2,fma"))) int FmaAvx2(int64_t iters) {
+// The loops return the sum over every lane of every accumulator. Returning less lets the
+// compiler drop the chains that do not reach the result: an earlier version returned acc[0]
+// alone, GCC kept one dependent FMA chain out of 12, and the "peak" it reported was the
+// latency-bound rate of one chain counted as 12 (3x the real fp32 peak on Zen 4). Inputs pass
+// through an empty asm so that no loop can be folded at compile time either.
+template <typename V>
+__attribute__((always_inline)) inline void Opaque(V& v) {
+  asm volatile("" : "+x"(v));
+}
+
+__attribute__((target("avx2,fma"))) double FmaAvx2(int64_t iters) {
   __m256 acc[kAcc];
   for (int i = 0; i < kAcc; ++i) acc[i] = _mm256_set1_ps(0.f);
-  const __m256 a = _mm256_set1_ps(1e-7f), b = _mm256_set1_ps(1e-7f);
+  __m256 a = _mm256_set1_ps(1.f), b = _mm256_set1_ps(1.f);
+  Opaque(a), Opaque(b);
   for (int64_t it = 0; it < iters; ++it)
 #pragma GCC unroll 16  // every accumulator in its own register
     for (int i = 0; i < kAcc; ++i) acc[i] = _mm256_fmadd_ps(a, b, acc[i]);
   float out[8];
-  __m256 s = acc[0];
-  for (int i = 1; i < kAcc; ++i) s = _mm256_add_ps(s, acc[i]);
-  _mm256_storeu_ps(out, s);
-  return out[0] > 1e30f;
+  double sum = 0;
+  for (int i = 0; i < kAcc; ++i) {
+    _mm256_storeu_ps(out, acc[i]);
+    for (float x : out) sum += x;
+  }
+  return sum;
 }
 
-__attribute__((target("avx512f"))) int FmaAvx512(int64_t iters) {
+__attribute__((target("avx512f"))) double FmaAvx512(int64_t iters) {
   __m512 acc[kAcc];
   for (int i = 0; i < kAcc; ++i) acc[i] = _mm512_set1_ps(0.f);
-  const __m512 a = _mm512_set1_ps(1e-7f), b = _mm512_set1_ps(1e-7f);
+  __m512 a = _mm512_set1_ps(1.f), b = _mm512_set1_ps(1.f);
+  Opaque(a), Opaque(b);
   for (int64_t it = 0; it < iters; ++it)
 #pragma GCC unroll 16  // every accumulator in its own register
     for (int i = 0; i < kAcc; ++i) acc[i] = _mm512_fmadd_ps(a, b, acc[i]);
-  return _mm512_reduce_add_ps(acc[0]) > 1e30f;
+  double sum = 0;
+  for (int i = 0; i < kAcc; ++i) sum += _mm512_reduce_add_ps(acc[i]);
+  return sum;
 }
 
 // oneDNN's AVX2 int8 inner step: u8*s8 pairs summed to s16 (vpmaddubsw), pairs of those to s32
 // (vpmaddwd with ones), accumulated (vpaddd): 32 multiply-adds per 256-bit step.
-__attribute__((target("avx2"))) int Int8Avx2(int64_t iters) {
+__attribute__((target("avx2"))) double Int8Avx2(int64_t iters) {
   __m256i acc[kAcc];
   for (int i = 0; i < kAcc; ++i) acc[i] = _mm256_setzero_si256();
-  const __m256i u = _mm256_set1_epi8(1), s = _mm256_set1_epi8(1);
-  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i u = _mm256_set1_epi8(1), s = _mm256_set1_epi8(1), ones = _mm256_set1_epi16(1);
+  Opaque(u), Opaque(s), Opaque(ones);
   for (int64_t it = 0; it < iters; ++it)
 #pragma GCC unroll 16  // every accumulator in its own register
     for (int i = 0; i < kAcc; ++i)
       acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones));
-  __m256i t = acc[0];
-  for (int i = 1; i < kAcc; ++i) t = _mm256_add_epi32(t, acc[i]);
-  return _mm256_extract_epi32(t, 0) == 42;
+  int32_t out[8];
+  double sum = 0;
+  for (int i = 0; i < kAcc; ++i) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), acc[i]);
+    for (int32_t x : out) sum += x;
+  }
+  return sum;
 }
 
-__attribute__((target("avx512f,avx512vnni"))) int Int8Vnni512(int64_t iters) {
+__attribute__((target("avx512f,avx512vnni"))) double Int8Vnni512(int64_t iters) {
   __m512i acc[kAcc];
   for (int i = 0; i < kAcc; ++i) acc[i] = _mm512_setzero_si512();
-  const __m512i u = _mm512_set1_epi8(1), s = _mm512_set1_epi8(1);
+  __m512i u = _mm512_set1_epi8(1), s = _mm512_set1_epi8(1);
+  Opaque(u), Opaque(s);
   for (int64_t it = 0; it < iters; ++it)
 #pragma GCC unroll 16  // every accumulator in its own register
     for (int i = 0; i < kAcc; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], u, s);
-  return _mm512_reduce_add_epi32(acc[0]) == 42;
+  double sum = 0;
+  for (int i = 0; i < kAcc; ++i) sum += _mm512_reduce_add_epi32(acc[i]);
+  return sum;
 }
 
-__attribute__((target("avx2,avxvnni"))) int Int8AvxVnni(int64_t iters) {
+__attribute__((target("avx2,avxvnni"))) double Int8AvxVnni(int64_t iters) {
   __m256i acc[kAcc];
   for (int i = 0; i < kAcc; ++i) acc[i] = _mm256_setzero_si256();
-  const __m256i u = _mm256_set1_epi8(1), s = _mm256_set1_epi8(1);
+  __m256i u = _mm256_set1_epi8(1), s = _mm256_set1_epi8(1);
+  Opaque(u), Opaque(s);
   for (int64_t it = 0; it < iters; ++it)
 #pragma GCC unroll 16  // every accumulator in its own register
     for (int i = 0; i < kAcc; ++i) acc[i] = _mm256_dpbusd_avx_epi32(acc[i], u, s);
-  return _mm256_extract_epi32(acc[0], 0) == 42;
+  int32_t out[8];
+  double sum = 0;
+  for (int i = 0; i < kAcc; ++i) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), acc[i]);
+    for (int32_t x : out) sum += x;
+  }
+  return sum;
 }
 
-__attribute__((target("avx512f,avx512bf16"))) int Bf16Avx512(int64_t iters) {
+__attribute__((target("avx512f,avx512bf16"))) double Bf16Avx512(int64_t iters) {
   __m512 acc[kAcc];
   for (int i = 0; i < kAcc; ++i) acc[i] = _mm512_set1_ps(0.f);
-  const __m512bh a = (__m512bh)_mm512_set1_epi16(0x3c00);  // ~0.0078 in bf16
+  __m512bh a = (__m512bh)_mm512_set1_epi16(0x3f80);  // 1.0 in bf16
+  Opaque(a);
   for (int64_t it = 0; it < iters; ++it)
 #pragma GCC unroll 16  // every accumulator in its own register
     for (int i = 0; i < kAcc; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], a, a);
-  return _mm512_reduce_add_ps(acc[0]) > 1e30f;
+  double sum = 0;
+  for (int i = 0; i < kAcc; ++i) sum += _mm512_reduce_add_ps(acc[i]);
+  return sum;
+}
+
+struct Loop {
+  double (*fn)(int64_t);
+  double ops_per_step;  // per accumulator per iteration (1 multiply-add = 2 ops)
+};
+
+Loop LoopOf(const std::string& kind) {
+  if (kind == "fma_avx2") return {FmaAvx2, 8 * 2};
+  if (kind == "fma_avx512") return {FmaAvx512, 16 * 2};
+  if (kind == "int8_avx2") return {Int8Avx2, 32 * 2};
+  if (kind == "int8_avx512_vnni") return {Int8Vnni512, 64 * 2};
+  if (kind == "int8_avx_vnni") return {Int8AvxVnni, 32 * 2};
+  if (kind == "bf16_avx512") return {Bf16Avx512, 32 * 2};
+  TVM_FFI_THROW(ValueError) << "unknown peak kernel " << kind;
 }
 
 // peak(kind, threads, iters): ops/s of the register-resident loop `kind`.
 double Peak(std::string kind, int64_t threads, int64_t iters) {
-  double ops_per_step;  // per accumulator per iteration
-  int (*fn)(int64_t);
-  if (kind == "fma_avx2") {
-    fn = FmaAvx2, ops_per_step = 8 * 2;
-  } else if (kind == "fma_avx512") {
-    fn = FmaAvx512, ops_per_step = 16 * 2;
-  } else if (kind == "int8_avx2") {
-    fn = Int8Avx2, ops_per_step = 32 * 2;
-  } else if (kind == "int8_avx512_vnni") {
-    fn = Int8Vnni512, ops_per_step = 64 * 2;
-  } else if (kind == "int8_avx_vnni") {
-    fn = Int8AvxVnni, ops_per_step = 32 * 2;
-  } else if (kind == "bf16_avx512") {
-    fn = Bf16Avx512, ops_per_step = 32 * 2;
-  } else {
-    TVM_FFI_THROW(ValueError) << "unknown peak kernel " << kind;
-  }
-  double secs = Parallel(static_cast<int>(threads), [&] { return fn(iters); });
-  return ops_per_step * kAcc * static_cast<double>(iters) * threads / secs;
+  const Loop loop = LoopOf(kind);
+  double secs = Parallel(static_cast<int>(threads), [&] { return loop.fn(iters) < 0; });
+  return loop.ops_per_step * kAcc * static_cast<double>(iters) * threads / secs;
+}
+
+// peak_check(kind, iters): what one thread's loop computed against what Peak counts for it.
+// Every multiply-add of these loops adds 1 x 1 to an accumulator, so the sum of all of them is
+// the number of multiply-adds run; Peak counts ops = 2 x that. Exact while a lane stays below
+// 2^24 (float) / 2^31 (int32).
+double PeakCheck(std::string kind, int64_t iters) {
+  const Loop loop = LoopOf(kind);
+  return loop.fn(iters) * 2 / (loop.ops_per_step * kAcc * static_cast<double>(iters));
 }
 
 // matmul(dtype, n, reps, threads): ops/s of oneDNN's n x n x n matmul, best of reps
@@ -170,4 +211,5 @@ double Matmul(std::string dtype, int64_t n, int64_t reps, int64_t threads) {
 }  // namespace
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(peak, Peak);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(peak_check, PeakCheck);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(matmul, Matmul);
