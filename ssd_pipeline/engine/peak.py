@@ -45,6 +45,13 @@ class Ceiling:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def best(self, other: Ceiling) -> Ceiling:
+        """The higher of two measurements of one ceiling: both are maxima, and a shared
+        machine only ever makes a measurement lower."""
+        return Ceiling(self.precision, self.threads, max(self.peak_gops, other.peak_gops),
+                       self.peak_kernel, max(self.achievable_gops, other.achievable_gops),
+                       self.achievable_how)
+
 
 def peak_kernel(precision: str, flags: frozenset[str] | None = None) -> str | None:
     """The loop that measures ``precision``'s peak on this CPU (None: it has none)."""

@@ -20,13 +20,14 @@ from ..backends import Runner
 from ..core.host import machine_info
 from ..core.timing import conv_gflop_per_image, measure, rounds_for, summarize
 from ..data import ImageRecord, PreprocessSettings, aligned_empty, batches
-from ..engine.peak import Ceiling, measure_ceilings
+from ..engine.peak import PEAK_MARGIN, Ceiling, measure_ceilings
 from ..postprocess import Postprocessor
 from .evaluate import predict
 from .models import ModelBundle
 
 REFERENCE = ("onnxruntime", "fp32")  # what every speed ratio is taken against
 RECORDS_FORMAT = "ssd_pipeline.speed/1"
+PEAK_REMEASURES = 2  # a record above its precision's peak re-measures the ceilings this often
 
 # ``timer(fn, rounds)`` -> seconds per call: pytest-benchmark's in the perf tests, ours
 # elsewhere. Either way the rounds are sized by the same rule.
@@ -153,6 +154,15 @@ class SpeedLog:
         c = self.ceilings().get(precision)
         if c is None:
             return {}
+        for _ in range(PEAK_REMEASURES):
+            if gops <= c.peak_gops * (1 + PEAK_MARGIN) or self._ceilings_fn is None:
+                break
+            # above the peak: measured again before the record says so, since a peak taken
+            # while a neighbour held a core reads low (seen: fp32 117 against 229-232 GOP/s)
+            again = self._ceilings_fn()
+            self._ceilings = {p: old.best(again[p]) if p in again else old
+                              for p, old in self.ceilings().items()}
+            c = self._ceilings[precision]
         return {"peak_gops": c.peak_gops, "peak_fraction": round(gops / c.peak_gops, 4),
                 "achievable_gops": c.achievable_gops,
                 "roofline_fraction": round(gops / c.achievable_gops, 4)}
