@@ -135,9 +135,10 @@ class SpeedLog:
     def _sample(self, fn: Callable[[], Any], timer: Timer | None) -> list[float]:
         return (timer or own_timer)(fn, self._rounds(fn))
 
-    def _record(self, mode: str, runner: Runner, samples: list[float], batch: int,
+    def _record(self, mode: str, runner: Runner, stats: dict[str, Any],
                 **extra: Any) -> SpeedRecord:
-        stats = summarize(samples, batch)
+        """``stats``: :func:`summarize` of the samples, computed once by the caller, whose
+        ratios read its figures."""
         rec = SpeedRecord(mode=mode, backend=runner.backend, precision=runner.precision,
                           threads=runner.threads, runner=dict(runner.info), model=self.model,
                           **stats, **extra)
@@ -182,9 +183,8 @@ class SpeedLog:
         runner = self.runner_for(backend, precision)
         x = self.input_for(batch)
         self.ceilings()
-        samples = self._sample(lambda: runner.run(x), timer)
-        ips = batch / float(np.mean(samples))
-        median = batch / float(np.median(samples))
+        stats = summarize(self._sample(lambda: runner.run(x), timer), batch)
+        ips, median = stats["images_per_s"], stats["images_per_s_median"]
         if (backend, precision) == REFERENCE:
             ref, ref_median = ips, median
         else:
@@ -192,7 +192,7 @@ class SpeedLog:
             ref, ref_median = r.images_per_s, r.images_per_s_median
         saved = float(runner.info.get("conv_gop_saved_per_image") or 0.0)
         executed = self.gflop_per_image - saved
-        rec = self._record("engine-only", runner, samples, batch,
+        rec = self._record("engine-only", runner, stats,
                            gflop_per_image=self.gflop_per_image,
                            gflops=ips * self.gflop_per_image, onnxruntime_images_per_s=ref,
                            onnxruntime_images_per_s_median=ref_median,
@@ -232,12 +232,12 @@ class SpeedLog:
         samples = [t * batch / n for t in self._sample(job, timer)]
         engine += measure(engine_call, 0, half)
         engine_median = batch / float(np.median(engine))
-        return self._record("end-to-end", runner, samples, batch,
+        stats = summarize(samples, batch)
+        return self._record("end-to-end", runner, stats,
                             engine_only_images_per_s=batch / float(np.mean(engine)),
                             engine_only_images_per_s_median=engine_median,
                             engine_only_rounds=len(engine),
-                            ratio_vs_engine_only=batch / float(np.median(samples))
-                            / engine_median,
+                            ratio_vs_engine_only=stats["images_per_s_median"] / engine_median,
                             images_per_call=n)
 
 
