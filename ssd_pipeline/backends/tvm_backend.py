@@ -27,11 +27,16 @@ def is_winograd(ints: list[int]) -> bool:
 
 def conv_label(weight_ohwi: tuple[int, ...], ints: list[int]) -> str:
     """``oneDNN conv 3x3 s1 d6 512->1024 +relu`` from the shim call's weight shape and its
-    integer arguments; ``Winograd conv ...`` for the shim's Winograd path (its products on
+    integer arguments; ``Winograd F(2x2) conv ...`` for the shim's Winograd path (its products on
     oneDNN's matmul)."""
     co, kh, kw, ci = weight_ohwi
     stride, dilation, relu = ints[0], ints[6], ints[8]
-    how = "Winograd" if is_winograd(ints) else "oneDNN"
+    how = "oneDNN"
+    if is_winograd(ints):
+        from ..engine.compile import WINOGRAD_TILE
+
+        tile = WINOGRAD_TILE[ints[9]]
+        how = f"Winograd F({tile}x{tile})"
     return (f"{how} conv {kh}x{kw} s{stride}" + (f" d{dilation}" if dilation > 1 else "")
             + f" {ci}->{co}" + (" +relu" if relu else ""))
 
@@ -53,6 +58,7 @@ class TvmRunner(Runner):
             # Winograd does fewer multiplies than the model's direct convolutions: perf records
             # read the engine's GOP/s against the peak by what it executes
             **({"winograd_convolutions": wino["convolutions"],
+                "winograd_f4x4_convolutions": wino.get("f4x4_convolutions", 0),
                 "conv_gop_saved_per_image": round(
                     wino["direct_gop_per_image"] - wino["executed_gop_per_image"], 4)}
                if (wino := engine.record.get("winograd")) else {})})
@@ -95,7 +101,7 @@ class TvmRunner(Runner):
         import statistics
         import time
 
-        from ..engine.compile import winograd_gop
+        from ..engine.compile import WINOGRAD_TILE, winograd_gop
         from ..engine.kernels import (
             CONV2D_NHWC,
             CONV2D_NHWC_ADD,
@@ -148,7 +154,7 @@ class TvmRunner(Runner):
             executed = None
             if conv and is_winograd(ints):
                 n, oh, ow, co = shapes[-1]
-                executed = n * winograd_gop(oh, ow, shapes[1][3], co)
+                executed = n * winograd_gop(oh, ow, shapes[1][3], co, WINOGRAD_TILE[ints[9]])
             out.append(OpTime(i, name, "conv" if conv else symbol.rstrip("0123456789_"),
                               ms, tuple(shapes[:-1]), shapes[-1] if shapes else None,
                               shapes[1] if conv else None, executed))

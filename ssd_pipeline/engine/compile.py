@@ -32,7 +32,7 @@ from ..core.host import cpu_flags, default_threads, host_cpu
 from ..core.onnxfile import load_onnx
 
 # Bump when the pass pipeline changes: it is part of every engine's cache key.
-PIPELINE_VERSION = 11
+PIPELINE_VERSION = 12
 ENGINE_FILE = "engine.so"
 META_FILE = "engine.json"
 INPUT_CHW = (3, 300, 300)
@@ -56,10 +56,21 @@ WINOGRAD_CUTS = {
     # 38x38 32->32 1.65 / 2.50; 75x75 16->16 2.35 / 3.30
     "avx512": (128, 10),
 }
+# fp32 3x3 stride-1 convolutions at or above these cuts run as Winograd F(4x4, 3x3) (compute 4:
+# 2.25 multiplies per output against F(2x2)'s 4; its error 0.5-2.2e-5 of the output's largest
+# against F(2x2)'s 0.3-0.9e-6). Measured on AVX-512 only (Zen 4, shim called directly, same
+# process, interleaved, F(4x4) / F(2x2) time, bs 8 then bs 1): 150x150 128->128 0.67, 0.59;
+# 75x75 256->256 0.58, 0.63; 38x38 512->512 0.65, 0.62; 19x19 1024->486 0.58, 0.74; 38x38
+# 512->324 0.68. Lost: 10x10 512->486 0.93, 1.27 (12x12 computed for 10x10 outputs);
+# 300x300 64->64 1.2x oneDNN's direct. bf16 keeps F(2x2): bfloat16 products of F(4x4)'s
+# transforms were 5.5-6.0e-2 off, against 3.4-3.8e-3.
+WINOGRAD_F4_CUTS = {"avx512": (128, 19)}
 # the shim's `compute` argument of its float convolutions: direct float32 or bfloat16,
 # Winograd with float32 or bfloat16 products
-COMPUTE_F32, COMPUTE_BF16, COMPUTE_WINOGRAD, COMPUTE_WINOGRAD_BF16 = 0, 1, 2, 3
-WINOGRAD_COMPUTES = (COMPUTE_WINOGRAD, COMPUTE_WINOGRAD_BF16)
+COMPUTE_F32, COMPUTE_BF16, COMPUTE_WINOGRAD, COMPUTE_WINOGRAD_BF16, COMPUTE_WINOGRAD_F4 = range(5)
+# the Winograd computes and their output tile side: F(2x2, 3x3) or F(4x4, 3x3)
+WINOGRAD_TILE = {COMPUTE_WINOGRAD: 2, COMPUTE_WINOGRAD_BF16: 2, COMPUTE_WINOGRAD_F4: 4}
+WINOGRAD_COMPUTES = tuple(WINOGRAD_TILE)
 COMPUTE_ARG = 12  # its place: after src, weight, bias and 9 ints (strides, pads, dilations, relu)
 MIN_OPSET = 11  # what the exporter and TVM's ONNX frontend are exercised with (we write 13)
 PRECISIONS = {"cpu": ("fp32", "bf16", "int8"), "cuda": ("fp32", "fp16")}
@@ -169,31 +180,38 @@ def to_nhwc(mod: Any) -> Any:
     return relax.transform.FoldConstant()(mod)  # weight permutes become OHWI constants
 
 
-def winograd_cuts() -> tuple[int, int]:
-    """(min channels, min output side) of Winograd on this CPU (``WINOGRAD_CUTS``)."""
-    return WINOGRAD_CUTS["avx512" if "avx512f" in cpu_flags() else "avx2"]
+def winograd_cuts(tile: int = 2) -> tuple[int, int] | None:
+    """(min channels, min output side) of Winograd F(tile x tile, 3x3) on this CPU
+    (``WINOGRAD_CUTS``, ``WINOGRAD_F4_CUTS``); None where it was not measured to win."""
+    isa = "avx512" if "avx512f" in cpu_flags() else "avx2"
+    return (WINOGRAD_CUTS if tile == 2 else WINOGRAD_F4_CUTS).get(isa)
 
 
-def winograd_fits(attrs: Any, weight_shape: Any, out_shape: Any) -> bool:
-    """A convolution (NHWC/OHWI) the shim's Winograd path takes and wins on: 3x3, stride and
-    dilation 1, pads 0 or 1, channels and output size at or above this CPU's cuts."""
+def winograd_tile(attrs: Any, weight_shape: Any, out_shape: Any, bf16: bool) -> int | None:
+    """The Winograd output tile (4 or 2) the shim runs a convolution (NHWC/OHWI) with, or None
+    for oneDNN's direct one: 3x3, stride and dilation 1, pads 0 or 1, channels and output size
+    at or above this CPU's cuts; F(4x4) at fp32 only."""
     import tvm
 
-    min_channels, min_size = winograd_cuts()
     o, kh, kw, c = (int(d) for d in weight_shape)
     size = [out_shape[1], out_shape[2]]
-    return ((kh, kw) == (3, 3) and [*map(int, attrs.strides)] == [1, 1]
+    if not ((kh, kw) == (3, 3) and [*map(int, attrs.strides)] == [1, 1]
             and [*map(int, attrs.dilation)] == [1, 1]
             and all(int(p) in (0, 1) for p in attrs.padding)
-            and min(c, o) >= min_channels
-            and all(isinstance(d, tvm.tirx.IntImm) and int(d) >= min_size for d in size))
+            and all(isinstance(d, tvm.tirx.IntImm) for d in size)):
+        return None
+    for tile in (() if bf16 else (4,)) + (2,):
+        cuts = winograd_cuts(tile)
+        if cuts and min(c, o) >= cuts[0] and min(int(d) for d in size) >= cuts[1]:
+            return tile
+    return None
 
 
 def offload_convolutions(mod: Any, bf16: bool, winograd: bool = False) -> Any:
     """NHWC graph; each conv2d(+bias)(+ReLU) becomes one oneDNN call, and so does a residual
     block's conv(+bias) -> add -> ReLU (the add a oneDNN post-op, so the block's output is
-    written once). ``winograd``: the 3x3 stride-1 ones that
-    :func:`winograd_fits` run as Winograd F(2x2, 3x3), at bf16 with bfloat16 products."""
+    written once). ``winograd``: the 3x3 stride-1 ones that :func:`winograd_tile` picks run
+    as Winograd F(4x4, 3x3) or F(2x2, 3x3), at bf16 F(2x2) with bfloat16 products."""
     import tvm
     import tvm_ffi
     from tvm import relax
@@ -209,7 +227,11 @@ def offload_convolutions(mod: Any, bf16: bool, winograd: bool = False) -> Any:
         if not p.supported(m):
             return expr  # not a form the kernel takes: TVM keeps it
         compute = COMPUTE_BF16 if bf16 else COMPUTE_F32
-        if winograd and winograd_fits(m[p.conv].attrs, m[p.w].ty.shape, m[p.conv].ty.shape):
+        tile = winograd_tile(m[p.conv].attrs, m[p.w].ty.shape, m[p.conv].ty.shape, bf16) \
+            if winograd else None
+        if tile == 4:
+            compute = COMPUTE_WINOGRAD_F4
+        elif tile == 2:
             compute = COMPUTE_WINOGRAD_BF16 if bf16 else COMPUTE_WINOGRAD
         args = [m[p.x], m[p.w], relax.const(m[p.b].value.numpy().reshape(-1)),
                 *int_args([*p.geometry(m), is_relu, compute])]
@@ -431,10 +453,11 @@ def offload_l2norm(mod: Any) -> Any:
     return mod
 
 
-def winograd_gop(oh: int, ow: int, c: int, o: int) -> float:
-    """GOP (2 x MACs) of one image's Winograd F(2x2, 3x3) convolution: 16 products per 2x2
-    output tile, where the direct convolution does 36."""
-    return 2 * 16 * -(-oh // 2) * -(-ow // 2) * c * o / 1e9
+def winograd_gop(oh: int, ow: int, c: int, o: int, tile: int = 2) -> float:
+    """GOP (2 x MACs) of one image's Winograd F(tile x tile, 3x3) convolution: (tile + 2)^2
+    products per tile x tile outputs (16 per 2x2, 36 per 4x4), where the direct convolution
+    does 9 per output."""
+    return 2 * (tile + 2) ** 2 * -(-oh // tile) * -(-ow // tile) * c * o / 1e9
 
 
 def _is_winograd(call: Any) -> bool:
@@ -473,19 +496,22 @@ def winograd_record(mod: Any) -> dict[str, Any] | None:
     import tvm
     from tvm import relax
 
-    found: list[tuple[int, int, int, int]] = []
+    found: list[tuple[int, int, int, int, int]] = []
 
     def visit(e: Any) -> None:
         if (isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op)
                 and e.op.name == "relax.call_dps_packed" and _is_winograd(e)):
             o, _, _, c = (int(d) for d in e.args[1].fields[1].ty.shape)
-            found.append((int(e.ty.shape[1]), int(e.ty.shape[2]), c, o))
+            tile = WINOGRAD_TILE[int(e.args[1].fields[COMPUTE_ARG].value)]
+            found.append((int(e.ty.shape[1]), int(e.ty.shape[2]), c, o, tile))
 
     relax.analysis.post_order_visit(mod["main"], visit)
     if not found:
         return None
-    direct = sum(2 * oh * ow * c * o * 9 for oh, ow, c, o in found) / 1e9
-    return {"convolutions": len(found), "direct_gop_per_image": round(direct, 4),
+    direct = sum(2 * oh * ow * c * o * 9 for oh, ow, c, o, _ in found) / 1e9
+    return {"convolutions": len(found),
+            "f4x4_convolutions": sum(f[-1] == 4 for f in found),
+            "direct_gop_per_image": round(direct, 4),
             "executed_gop_per_image": round(sum(winograd_gop(*f) for f in found), 4)}
 
 

@@ -346,13 +346,20 @@ def readme_tables(perf_json: Path, accuracy_json: Path) -> str:
         out.append(f"| {backend} {precision} | {' | '.join(ips)} | {gflops} | {frac} | "
                    f"{ratio} |")
     fewer = sorted({(r["backend"], r["precision"], r["executed_gflop_per_image"],
-                     r.get("winograd_convolutions")) for r in rows
-                    if r.get("executed_gflop_per_image") is not None})
+                     r.get("winograd_convolutions"), r.get("winograd_f4x4_convolutions") or 0)
+                    for r in rows if r.get("executed_gflop_per_image") is not None})
+
+    def how(n: int | None, f4: int) -> str:
+        if not n:
+            return "some of them as Winograd"
+        kinds = [f"{f4} as Winograd F(4x4, 3x3)"] if f4 else []
+        kinds += [f"{n - f4} as Winograd F(2x2, 3x3)"] if n > f4 else []
+        return " and ".join(kinds)
+
     if fewer:
         out += ["", "GFLOP/s counts every convolution as direct; " + "; ".join(
-            f"{b} {p} runs {n or 'some'} of them as Winograd F(2x2, 3x3) and executes "
-            f"{ex:.1f} GFLOP per image, which its peak and matmul fractions read"
-            for b, p, ex, n in fewer) + "."]
+            f"{b} {p} runs {how(n, f4)} and executes {ex:.1f} GFLOP per image, which its peak "
+            "and matmul fractions read" for b, p, ex, n, f4 in fewer) + "."]
     ceilings = next((r["ceilings"] for r in rows if r.get("ceilings")), None)
     if ceilings:
         out += ["", "This run's ceilings (`ssd_pipeline/engine/peak.py`, same threads): "

@@ -207,18 +207,23 @@ std::shared_ptr<Conv> MakeConv(const TensorView& src, const TensorView& weight,
   return conv;
 }
 
-// Winograd F(2x2, 3x3) for 3x3 stride-1 fp32 convolutions (Lavin & Gray, 2015): each 4x4
-// input tile becomes 16 products of (tiles x C) . (C x O) matrices, 4 multiplies per output
-// instead of 9. oneDNN 3.2 has no Winograd on AVX2 (only AVX-512), so the shim does the
-// transforms (OpenMP, oneDNN's own threads) and oneDNN's matmul does the 16 products, one
-// batched call per chunk of tiles; chunks keep the transformed tiles in the last-level cache.
-// Transform matrices: B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],
-// G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1], A^T = [1 1 1 0; 0 1 -1 -1].
+// Winograd F(m x m, 3x3), m = 2 or 4, for 3x3 stride-1 float convolutions (Lavin & Gray, 2015):
+// each (m + 2)^2 input tile becomes (m + 2)^2 products of (tiles x C) . (C x O) matrices:
+// 4 (m = 2) or 2.25 (m = 4) multiplies per output instead of 9. oneDNN 3.2 has no Winograd on
+// AVX2 (only AVX-512), so the shim does the transforms (OpenMP, oneDNN's own threads) and
+// oneDNN's matmul does the products, one batched call per chunk of tiles; chunks keep the
+// transformed tiles in the last-level cache. Transform matrices:
+// m = 2: B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1],
+//        A^T = [1 1 1 0; 0 1 -1 -1];
+// m = 4: B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0;
+//        0 4 0 -5 0 1], G = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6;
+//        1/24 -1/12 1/6; 0 0 1], A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1].
 struct Wino {
-  dnnl::primitive matmul;  // [16, tc, C] . [16, C, O] -> [16, tc, O]
+  dnnl::primitive matmul;  // [P, tc, C] . [P, C, O] -> [P, tc, O], P = (m + 2)^2
   dnnl::memory u;          // G g G^T of every (c, o), in the matmul's weights format
   std::vector<float> fingerprint;
   int64_t tc = 0;  // tiles per chunk (the last chunk is padded with unused tiles)
+  int m = 2;       // output tile side
   bool bf16 = false;  // the products in bfloat16: v and u bfloat16, m float32
 };
 
@@ -272,102 +277,148 @@ __attribute__((always_inline)) inline void Store(uint16_t* p, T x) {
   }
 }
 
-// channels [k, k + lanes) of one tile: v[a * 4 + b] = (B^T . d . B)[a][b], stored as S
-// (float, or bfloat16 bits)
-template <typename T, typename Src, typename S>
-__attribute__((always_inline)) inline void InputTile(const Src* const (&d)[4][4], S* v,
-                                                     int64_t stride, int64_t k) {
-  T r[4][4];
-  for (int i = 0; i < 4; ++i) {  // rows: d . B
-    const T d0 = Load<T>(d[i][0] + k), d1 = Load<T>(d[i][1] + k);
-    const T d2 = Load<T>(d[i][2] + k), d3 = Load<T>(d[i][3] + k);
-    r[i][0] = d0 - d2;
-    r[i][1] = d1 + d2;
-    r[i][2] = d2 - d1;
-    r[i][3] = d1 - d3;
-  }
-  for (int j = 0; j < 4; ++j) {  // columns: B^T . (d . B)
-    Store<T>(v + (0 * 4 + j) * stride + k, r[0][j] - r[2][j]);
-    Store<T>(v + (1 * 4 + j) * stride + k, r[1][j] + r[2][j]);
-    Store<T>(v + (2 * 4 + j) * stride + k, r[2][j] - r[1][j]);
-    Store<T>(v + (3 * 4 + j) * stride + k, r[1][j] - r[3][j]);
+// y = B^T . x over one row or column of an input tile
+template <int M, typename T>
+__attribute__((always_inline)) inline void InputRow(const T (&x)[M + 2], T (&y)[M + 2]) {
+  if constexpr (M == 2) {
+    y[0] = x[0] - x[2];
+    y[1] = x[1] + x[2];
+    y[2] = x[2] - x[1];
+    y[3] = x[1] - x[3];
+  } else {
+    const T a = x[1] + x[2], b = x[1] - x[2], c = x[4] - x[2], d = x[3] - x[1];
+    y[0] = x[0] * 4.f - x[2] * 5.f + x[4];
+    y[1] = x[3] + x[4] - a * 4.f;
+    y[2] = x[4] - x[3] + b * 4.f;
+    y[3] = c + d * 2.f;
+    y[4] = c - d * 2.f;
+    y[5] = x[1] * 4.f - x[3] * 5.f + x[5];
   }
 }
 
-// channels [k, k + lanes) of one tile's products m -> its 2x2 outputs (A^T . m . A), + bias
+// y = A^T . x over one row or column of a tile's products
+template <int M, typename T>
+__attribute__((always_inline)) inline void OutputRow(const T (&x)[M + 2], T (&y)[M]) {
+  if constexpr (M == 2) {
+    y[0] = x[0] + x[1] + x[2];
+    y[1] = x[1] - x[2] - x[3];
+  } else {
+    const T a = x[1] + x[2], b = x[1] - x[2], c = x[3] + x[4], d = x[3] - x[4];
+    y[0] = x[0] + a + c;
+    y[1] = b + d * 2.f;
+    y[2] = a + c * 4.f;
+    y[3] = b + d * 8.f + x[5];
+  }
+}
+
+// channels [k, k + lanes) of one tile: v[a * (M + 2) + b] = (B^T . d . B)[a][b], stored as S
+// (float, or bfloat16 bits)
+template <typename T, int M, typename Src, typename S>
+__attribute__((always_inline)) inline void InputTile(const Src* const (&d)[M + 2][M + 2], S* v,
+                                                     int64_t stride, int64_t k) {
+  constexpr int A = M + 2;
+  T r[A][A];
+  for (int i = 0; i < A; ++i) {  // rows: d . B
+    T x[A];
+    for (int j = 0; j < A; ++j) x[j] = Load<T>(d[i][j] + k);
+    InputRow<M>(x, r[i]);
+  }
+  for (int j = 0; j < A; ++j) {  // columns: B^T . (d . B)
+    T x[A], y[A];
+    for (int i = 0; i < A; ++i) x[i] = r[i][j];
+    InputRow<M>(x, y);
+    for (int i = 0; i < A; ++i) Store<T>(v + (i * A + j) * stride + k, y[i]);
+  }
+}
+
+// channels [k, k + lanes) of one tile's products m -> its M x M outputs (A^T . m . A), + bias
 // (+ residual R: float or bfloat16 bits), at least `lo` (0 for a ReLU); outputs past dst's
-// edge (odd sizes) are not stored
-template <typename T, typename R, typename D>
+// edge are not stored
+template <typename T, int M, typename R, typename D>
 __attribute__((always_inline)) inline void OutputTile(const float* m, int64_t stride,
                                                       const float* bias, T lo,
-                                                      D* const (&y)[2][2],
-                                                      const R* const (&r)[2][2],
-                                                      const bool (&keep)[2][2], int64_t k) {
-  T s[2][4];
-  for (int j = 0; j < 4; ++j) {  // A^T . m
-    const T m0 = Load<T>(m + (0 * 4 + j) * stride + k), m1 = Load<T>(m + (1 * 4 + j) * stride + k);
-    const T m2 = Load<T>(m + (2 * 4 + j) * stride + k), m3 = Load<T>(m + (3 * 4 + j) * stride + k);
-    s[0][j] = m0 + m1 + m2;
-    s[1][j] = m1 - m2 - m3;
+                                                      D* const (&y)[M][M],
+                                                      const R* const (&r)[M][M],
+                                                      const bool (&keep)[M][M], int64_t k) {
+  constexpr int A = M + 2;
+  T s[M][A];
+  for (int j = 0; j < A; ++j) {  // A^T . m
+    T x[A], z[M];
+    for (int i = 0; i < A; ++i) x[i] = Load<T>(m + (i * A + j) * stride + k);
+    OutputRow<M>(x, z);
+    for (int p = 0; p < M; ++p) s[p][j] = z[p];
   }
   const T b = Load<T>(bias + k);
-  for (int p = 0; p < 2; ++p) {  // (A^T . m) . A
-    T y0 = s[p][0] + s[p][1] + s[p][2] + b, y1 = s[p][1] - s[p][2] - s[p][3] + b;
-    if (r[p][0] != nullptr) y0 += Load<T>(r[p][0] + k);  // a residual block's add
-    if (r[p][1] != nullptr) y1 += Load<T>(r[p][1] + k);
-    if (keep[p][0]) Store<T>(y[p][0] + k, y0 > lo ? y0 : lo);
-    if (keep[p][1]) Store<T>(y[p][1] + k, y1 > lo ? y1 : lo);
+  for (int p = 0; p < M; ++p) {  // (A^T . m) . A
+    T z[M];
+    OutputRow<M>(s[p], z);
+    for (int q = 0; q < M; ++q) {
+      T out = z[q] + b;
+      if (r[p][q] != nullptr) out += Load<T>(r[p][q] + k);  // a residual block's add
+      if (keep[p][q]) Store<T>(y[p][q] + k, out > lo ? out : lo);
+    }
   }
 }
 
-// Input tiles [t0, t0 + tc) of src (NHWC, N x H x W x C) into v[16][tc][C]; tiles past the
-// last (the padded end of the last chunk) read zeros.
-template <typename Src, typename S>
+// Input tiles [t0, t0 + tc) of src (NHWC, N x H x W x C) into v[(M + 2)^2][tc][C]; tiles past
+// the last (the padded end of the last chunk) read zeros.
+template <int M, typename Src, typename S>
 __attribute__((always_inline)) inline void WinoInputTiles(
     const Src* src, S* v, const Src* zeros, int64_t t0, int64_t tc, int64_t tiles,
     int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl) {
+  constexpr int A = M + 2;
 #pragma omp parallel for schedule(static)
   for (int64_t tl = 0; tl < tc; ++tl) {
     const int64_t t = t0 + tl;
     const int64_t n = t / (th * tw), ty = t / tw % th, tx = t % tw;
-    const Src* d[4][4];
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) {
-        const int64_t y = 2 * ty - pt + i, x = 2 * tx - pl + j;
+    const Src* d[A][A];
+    for (int i = 0; i < A; ++i)
+      for (int j = 0; j < A; ++j) {
+        const int64_t y = M * ty - pt + i, x = M * tx - pl + j;
         d[i][j] = (t < tiles && y >= 0 && y < h && x >= 0 && x < w)
                       ? src + ((n * h + y) * w + x) * c : zeros;
       }
     int64_t k = 0;
-    for (; k + 8 <= c; k += 8) InputTile<F8>(d, v + tl * c, tc * c, k);
-    for (; k < c; ++k) InputTile<float>(d, v + tl * c, tc * c, k);
+    for (; k + 8 <= c; k += 8) InputTile<F8, M>(d, v + tl * c, tc * c, k);
+    for (; k < c; ++k) InputTile<float, M>(d, v + tl * c, tc * c, k);
   }
+}
+
+template <typename Src, typename S>
+__attribute__((always_inline)) inline void WinoInputAny(
+    int m, const Src* src, S* v, const Src* zeros, int64_t t0, int64_t tc, int64_t tiles,
+    int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl) {
+  if (m == 4)
+    WinoInputTiles<4>(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl);
+  else
+    WinoInputTiles<2>(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl);
 }
 
 // one clone per storage type (target_clones does not take templates)
 __attribute__((target_clones("avx2", "default")))
 void WinoInput(const float* src, float* v, const float* zeros, int64_t t0, int64_t tc,
                int64_t tiles, int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c,
-               int64_t pt, int64_t pl) {
-  WinoInputTiles(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl);
+               int64_t pt, int64_t pl, int m) {
+  WinoInputAny(m, src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl);
 }
 
 __attribute__((target_clones("avx2", "default")))
 void WinoInput(const float* src, uint16_t* v, const float* zeros, int64_t t0, int64_t tc,
                int64_t tiles, int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c,
-               int64_t pt, int64_t pl) {
-  WinoInputTiles(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl);
+               int64_t pt, int64_t pl, int m) {
+  WinoInputAny(m, src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl);
 }
 
 __attribute__((target_clones("avx2", "default")))
 void WinoInput(const uint16_t* src, uint16_t* v, const uint16_t* zeros, int64_t t0, int64_t tc,
                int64_t tiles, int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c,
-               int64_t pt, int64_t pl) {
-  WinoInputTiles(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl);
+               int64_t pt, int64_t pl, int m) {
+  WinoInputAny(m, src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl);
 }
 
-// m[16][tc][O] of tiles [t0, t0 + tc) -> their 2x2 outputs in dst (NHWC, D: float or
+// m[(M + 2)^2][tc][O] of tiles [t0, t0 + tc) -> their M x M outputs in dst (NHWC, D: float or
 // bfloat16 bits), + bias (+ residual, of dst's shape), ReLU.
-template <typename R, typename D>
+template <int M, typename R, typename D>
 __attribute__((always_inline)) inline void WinoOutputTiles(
     const float* m, const float* bias, const R* residual, D* dst, int64_t t0, int64_t tc,
     int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t o, bool relu) {
@@ -377,88 +428,118 @@ __attribute__((always_inline)) inline void WinoOutputTiles(
   for (int64_t tl = 0; tl < end; ++tl) {
     const int64_t t = t0 + tl;
     const int64_t n = t / (th * tw), ty = t / tw % th, tx = t % tw;
-    D* y[2][2];
-    const R* r[2][2];
-    bool keep[2][2];
-    for (int p = 0; p < 2; ++p)
-      for (int q = 0; q < 2; ++q) {
-        const int64_t yy = 2 * ty + p, xx = 2 * tx + q;
+    D* y[M][M];
+    const R* r[M][M];
+    bool keep[M][M];
+    for (int p = 0; p < M; ++p)
+      for (int q = 0; q < M; ++q) {
+        const int64_t yy = M * ty + p, xx = M * tx + q;
         keep[p][q] = yy < oh && xx < ow;
         const int64_t at = ((n * oh + std::min(yy, oh - 1)) * ow + std::min(xx, ow - 1)) * o;
         y[p][q] = dst + at;
         r[p][q] = residual != nullptr ? residual + at : nullptr;
       }
-    const F8 lo8 = {lo, lo, lo, lo, lo, lo, lo, lo};
     int64_t k = 0;
-    for (; k + 8 <= o; k += 8) OutputTile<F8>(m + tl * o, tc * o, bias, lo8, y, r, keep, k);
-    for (; k < o; ++k) OutputTile<float>(m + tl * o, tc * o, bias, lo, y, r, keep, k);
+    for (; k + 8 <= o; k += 8)
+      OutputTile<F8, M>(m + tl * o, tc * o, bias, F8{} + lo, y, r, keep, k);
+    for (; k < o; ++k) OutputTile<float, M>(m + tl * o, tc * o, bias, lo, y, r, keep, k);
   }
+}
+
+template <typename R, typename D>
+__attribute__((always_inline)) inline void WinoOutputAny(
+    int mt, const float* m, const float* bias, const R* residual, D* dst, int64_t t0,
+    int64_t tc, int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t o,
+    bool relu) {
+  if (mt == 4)
+    WinoOutputTiles<4>(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu);
+  else
+    WinoOutputTiles<2>(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu);
 }
 
 __attribute__((target_clones("avx2", "default")))
 void WinoOutput(const float* m, const float* bias, const float* residual, float* dst,
                 int64_t t0, int64_t tc, int64_t tiles, int64_t th, int64_t tw, int64_t oh,
-                int64_t ow, int64_t o, bool relu) {
-  WinoOutputTiles(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu);
+                int64_t ow, int64_t o, bool relu, int mt) {
+  WinoOutputAny(mt, m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu);
 }
 
 __attribute__((target_clones("avx2", "default")))
 void WinoOutput(const float* m, const float* bias, const float* residual, uint16_t* dst,
                 int64_t t0, int64_t tc, int64_t tiles, int64_t th, int64_t tw, int64_t oh,
-                int64_t ow, int64_t o, bool relu) {
-  WinoOutputTiles(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu);
+                int64_t ow, int64_t o, bool relu, int mt) {
+  WinoOutputAny(mt, m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu);
 }
 
 __attribute__((target_clones("avx2", "default")))
 void WinoOutput(const float* m, const float* bias, const uint16_t* residual, uint16_t* dst,
                 int64_t t0, int64_t tc, int64_t tiles, int64_t th, int64_t tw, int64_t oh,
-                int64_t ow, int64_t o, bool relu) {
-  WinoOutputTiles(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu);
+                int64_t ow, int64_t o, bool relu, int mt) {
+  WinoOutputAny(mt, m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu);
 }
 
 __attribute__((target_clones("avx2", "default")))
 void WinoOutput(const float* m, const float* bias, const uint16_t* residual, float* dst,
                 int64_t t0, int64_t tc, int64_t tiles, int64_t th, int64_t tw, int64_t oh,
-                int64_t ow, int64_t o, bool relu) {
-  WinoOutputTiles(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu);
+                int64_t ow, int64_t o, bool relu, int mt) {
+  WinoOutputAny(mt, m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu);
 }
 
-std::shared_ptr<Wino> MakeWino(const TensorView& weight, int64_t tiles, bool bf16) {
+// y = G . x over three taps of a 3x3 kernel (double: the m = 4 constants are not exact in float)
+void FilterRow(int m, const double (&x)[3], double* y) {
+  if (m == 2) {
+    y[0] = x[0];
+    y[1] = 0.5 * (x[0] + x[1] + x[2]);
+    y[2] = 0.5 * (x[0] - x[1] + x[2]);
+    y[3] = x[2];
+  } else {
+    y[0] = x[0] / 4;
+    y[1] = -(x[0] + x[1] + x[2]) / 6;
+    y[2] = -(x[0] - x[1] + x[2]) / 6;
+    y[3] = x[0] / 24 + x[1] / 12 + x[2] / 6;
+    y[4] = x[0] / 24 - x[1] / 12 + x[2] / 6;
+    y[5] = x[2];
+  }
+}
+
+std::shared_ptr<Wino> MakeWino(const TensorView& weight, int64_t tiles, bool bf16, int m) {
   using tag = dnnl::memory::format_tag;
   using dt = dnnl::memory::data_type;
   const int64_t o = weight.size(0), c = weight.size(3);
+  const int a = m + 2, np = a * a;  // input tile side, products per tile
   auto wino = std::make_shared<Wino>();
   // chunks of up to 32 MB of transformed tiles: the matmul's M (tiles per chunk) stays in the
   // thousands, where oneDNN's AVX2 matmul runs at ~140 GOP/s (8 MB chunks: ~100)
-  const int64_t budget = std::max<int64_t>(64, (32 << 20) / (16 * 4 * std::max(c, o)));
+  const int64_t budget = std::max<int64_t>(64, (32 << 20) / (np * 4 * std::max(c, o)));
   const int64_t chunks = (tiles + budget - 1) / budget;
   wino->tc = (tiles + chunks - 1) / chunks;
+  wino->m = m;
   wino->bf16 = bf16;
   const dt products = bf16 ? dt::bf16 : dt::f32;
   auto pd = dnnl::matmul::primitive_desc(
-      CpuEngine(), dnnl::memory::desc({16, wino->tc, c}, products, tag::abc),
-      dnnl::memory::desc({16, c, o}, products, tag::any),
-      dnnl::memory::desc({16, wino->tc, o}, dt::f32, tag::abc));
+      CpuEngine(), dnnl::memory::desc({np, wino->tc, c}, products, tag::abc),
+      dnnl::memory::desc({np, c, o}, products, tag::any),
+      dnnl::memory::desc({np, wino->tc, o}, dt::f32, tag::abc));
   wino->matmul = dnnl::matmul(pd);
-  // U = G g G^T for every (c, o): [16][C][O]
+  // U = G g G^T for every (c, o): [P][C][O]
   const float* g = static_cast<const float*>(weight.data_ptr());  // OHWI, 3x3
-  dnnl::memory u_user({{16, c, o}, dt::f32, tag::abc}, CpuEngine());
+  dnnl::memory u_user({{np, c, o}, dt::f32, tag::abc}, CpuEngine());
   float* u = static_cast<float*>(u_user.get_data_handle());
   for (int64_t oo = 0; oo < o; ++oo)
     for (int64_t cc = 0; cc < c; ++cc) {
-      float k[3][3], gk[4][3];
-      for (int i = 0; i < 3; ++i)
-        for (int j = 0; j < 3; ++j) k[i][j] = g[((oo * 3 + i) * 3 + j) * c + cc];
-      for (int j = 0; j < 3; ++j) {  // G . k
-        gk[0][j] = k[0][j];
-        gk[1][j] = 0.5f * (k[0][j] + k[1][j] + k[2][j]);
-        gk[2][j] = 0.5f * (k[0][j] - k[1][j] + k[2][j]);
-        gk[3][j] = k[2][j];
+      double gk[6][3];  // G . k
+      for (int j = 0; j < 3; ++j) {
+        const double col[3] = {g[((oo * 3 + 0) * 3 + j) * c + cc],
+                               g[((oo * 3 + 1) * 3 + j) * c + cc],
+                               g[((oo * 3 + 2) * 3 + j) * c + cc]};
+        double y[6];
+        FilterRow(m, col, y);
+        for (int i = 0; i < a; ++i) gk[i][j] = y[i];
       }
-      for (int i = 0; i < 4; ++i) {  // (G . k) . G^T
-        const float row[4] = {gk[i][0], 0.5f * (gk[i][0] + gk[i][1] + gk[i][2]),
-                              0.5f * (gk[i][0] - gk[i][1] + gk[i][2]), gk[i][2]};
-        for (int j = 0; j < 4; ++j) u[((i * 4 + j) * c + cc) * o + oo] = row[j];
+      for (int i = 0; i < a; ++i) {  // (G . k) . G^T
+        double row[6];
+        FilterRow(m, gk[i], row);
+        for (int j = 0; j < a; ++j) u[((i * a + j) * c + cc) * o + oo] = static_cast<float>(row[j]);
       }
     }
   wino->u = dnnl::memory(pd.weights_desc(), CpuEngine());
@@ -473,36 +554,37 @@ std::shared_ptr<Wino> MakeWino(const TensorView& weight, int64_t tiles, bool bf1
 // shapes were checked by RunF32.
 void RunWinograd(const TensorView& src, const TensorView& weight, const TensorView& bias,
                  const TensorView* residual, int64_t pt, int64_t pl, int64_t pb, int64_t pr,
-                 bool relu, bool bf16, const TensorView& dst) {
+                 bool relu, bool bf16, int mt, const TensorView& dst) {
   const int64_t n = src.size(0), h = src.size(1), w = src.size(2), c = src.size(3);
   const int64_t o = weight.size(0), oh = dst.size(1), ow = dst.size(2);
   TVM_FFI_ICHECK(weight.size(1) == 3 && weight.size(2) == 3 && std::max({pt, pl, pb, pr}) <= 1 &&
                  std::min({pt, pl, pb, pr}) >= 0 && oh == h + pt + pb - 2 &&
                  ow == w + pl + pr - 2)
       << "winograd: 3x3 kernels, stride 1, dilation 1, pads 0 or 1 only";
-  const int64_t th = (oh + 1) / 2, tw = (ow + 1) / 2, tiles = n * th * tw;
+  const int64_t th = (oh + mt - 1) / mt, tw = (ow + mt - 1) / mt, tiles = n * th * tw;
+  const int64_t np = (mt + 2) * (mt + 2);
   std::ostringstream key;
   key << n << ',' << h << ',' << w << ',' << c << ';' << o << ';' << pt << pl << pb << pr << ';'
-      << bf16 << ';' << weight.data_ptr();
+      << bf16 << ';' << mt << ';' << weight.data_ptr();
   auto wino = Cached(key.str(),
                      Fingerprint(static_cast<const float*>(weight.data_ptr()), weight.numel()),
-                     [&] { return MakeWino(weight, tiles, bf16); });
+                     [&] { return MakeWino(weight, tiles, bf16, mt); });
   const int64_t tc = wino->tc;
   // per calling thread: engines may run on several threads at once
   thread_local std::vector<float> v, m, zeros;
   thread_local std::vector<uint16_t> vb, zeros_b;  // bfloat16 tiles; bfloat16 zero is 0
-  if (!bf16 && static_cast<int64_t>(v.size()) < 16 * tc * c) v.resize(16 * tc * c);
-  if (bf16 && static_cast<int64_t>(vb.size()) < 16 * tc * c) vb.resize(16 * tc * c);
-  if (static_cast<int64_t>(m.size()) < 16 * tc * o) m.resize(16 * tc * o);
+  if (!bf16 && static_cast<int64_t>(v.size()) < np * tc * c) v.resize(np * tc * c);
+  if (bf16 && static_cast<int64_t>(vb.size()) < np * tc * c) vb.resize(np * tc * c);
+  if (static_cast<int64_t>(m.size()) < np * tc * o) m.resize(np * tc * o);
   if (static_cast<int64_t>(zeros.size()) < c) zeros.assign(c, 0.f);
   if (static_cast<int64_t>(zeros_b.size()) < c) zeros_b.assign(c, 0);
   using dt = dnnl::memory::data_type;
   using tag = dnnl::memory::format_tag;
   auto& eng = CpuEngine();
   dnnl::stream s(eng);
-  dnnl::memory v_m({{16, tc, c}, bf16 ? dt::bf16 : dt::f32, tag::abc}, eng,
+  dnnl::memory v_m({{np, tc, c}, bf16 ? dt::bf16 : dt::f32, tag::abc}, eng,
                    bf16 ? static_cast<void*>(vb.data()) : static_cast<void*>(v.data()));
-  dnnl::memory m_m({{16, tc, o}, dt::f32, tag::abc}, eng, m.data());
+  dnnl::memory m_m({{np, tc, o}, dt::f32, tag::abc}, eng, m.data());
   // a residual in float32 or in bfloat16 (a bfloat16 engine's activation)
   const bool res_bf16 = residual != nullptr && IsBf16(*residual);
   const float* res = residual != nullptr && !res_bf16
@@ -512,35 +594,36 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
   for (int64_t t0 = 0; t0 < tiles; t0 += tc) {
     if (IsBf16(src))  // bfloat16 activations (checked by RunF32: only with bf16 products)
       WinoInput(static_cast<const uint16_t*>(src.data_ptr()), vb.data(), zeros_b.data(), t0, tc,
-                tiles, th, tw, h, w, c, pt, pl);
+                tiles, th, tw, h, w, c, pt, pl, mt);
     else if (bf16)
       WinoInput(static_cast<const float*>(src.data_ptr()), vb.data(), zeros.data(), t0, tc,
-                tiles, th, tw, h, w, c, pt, pl);
+                tiles, th, tw, h, w, c, pt, pl, mt);
     else
       WinoInput(static_cast<const float*>(src.data_ptr()), v.data(), zeros.data(), t0, tc,
-                tiles, th, tw, h, w, c, pt, pl);
+                tiles, th, tw, h, w, c, pt, pl, mt);
     wino->matmul.execute(s, {{DNNL_ARG_SRC, v_m}, {DNNL_ARG_WEIGHTS, wino->u},
                              {DNNL_ARG_DST, m_m}});
     s.wait();
     if (res_b != nullptr && IsBf16(dst))
       WinoOutput(m.data(), b, res_b, static_cast<uint16_t*>(dst.data_ptr()), t0, tc, tiles, th,
-                 tw, oh, ow, o, relu);
+                 tw, oh, ow, o, relu, mt);
     else if (res_b != nullptr)
       WinoOutput(m.data(), b, res_b, static_cast<float*>(dst.data_ptr()), t0, tc, tiles, th,
-                 tw, oh, ow, o, relu);
+                 tw, oh, ow, o, relu, mt);
     else if (IsBf16(dst))
       WinoOutput(m.data(), b, res, static_cast<uint16_t*>(dst.data_ptr()), t0, tc, tiles, th,
-                 tw, oh, ow, o, relu);
+                 tw, oh, ow, o, relu, mt);
     else
       WinoOutput(m.data(), b, res, static_cast<float*>(dst.data_ptr()), t0, tc, tiles, th, tw,
-                 oh, ow, o, relu);
+                 oh, ow, o, relu, mt);
   }
 }
 
 // conv2d_nhwc(src NHWC, weight OHWI, bias (O), strides, pads (top, left, bottom, right),
 //             dilations, relu, compute, dst NHWC); compute: 0 float32, 1 bfloat16, 2 float32
-//             Winograd (3x3, stride 1, dilation 1, pads 0 or 1), 3 Winograd with bfloat16
-//             products
+//             Winograd F(2x2, 3x3) (3x3, stride 1, dilation 1, pads 0 or 1), 3 the same with
+//             bfloat16 products, 4 float32 Winograd F(4x4, 3x3) (its transforms' constants,
+//             up to 8 and 5, make bfloat16 products ~6e-2 off: not offered)
 // conv2d_nhwc_add: the same with a residual of dst's shape added before the ReLU (a residual
 // block's conv -> add -> relu in one pass over dst), the argument before dst: float32, or
 // bfloat16 with bfloat16 compute (1, 3)
@@ -560,12 +643,14 @@ void RunF32(TensorView src, TensorView weight, TensorView bias, const TensorView
   TVM_FFI_ICHECK(weight.size(3) == src.size(3)) << "weight OHWI input channels "
       << weight.size(3) << " != src channels " << src.size(3) << " (groups are not supported)";
   TVM_FFI_ICHECK(bias.size(0) == weight.size(0) && dst.size(3) == weight.size(0));
-  TVM_FFI_ICHECK(compute >= 0 && compute <= 3) << "compute must be 0 (float32), 1 (bfloat16), "
-      "2 (float32 Winograd) or 3 (Winograd, bfloat16 products), got " << compute;
+  TVM_FFI_ICHECK(compute >= 0 && compute <= 4) << "compute must be 0 (float32), 1 (bfloat16), "
+      "2 (float32 Winograd F(2x2, 3x3)), 3 (the same with bfloat16 products) or 4 (float32 "
+      "Winograd F(4x4, 3x3)), got " << compute;
   if (compute >= 2) {
     TVM_FFI_ICHECK(sh == 1 && sw == 1 && dh == 1 && dw == 1)
         << "winograd: stride 1 and dilation 1 only";
-    RunWinograd(src, weight, bias, residual, pt, pl, pb, pr, relu != 0, compute == 3, dst);
+    RunWinograd(src, weight, bias, residual, pt, pl, pb, pr, relu != 0, compute == 3,
+                compute == 4 ? 4 : 2, dst);
     return;
   }
   const int64_t bf16 = compute;
