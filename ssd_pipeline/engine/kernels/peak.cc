@@ -81,6 +81,17 @@ __attribute__((target("avx512f"))) double FmaAvx512(int64_t iters) {
   return sum;
 }
 
+// The sum of every int32 lane of 256-bit accumulators.
+__attribute__((target("avx2"))) double SumLanes(const __m256i (&acc)[kAcc]) {
+  int32_t out[8];
+  double sum = 0;
+  for (int i = 0; i < kAcc; ++i) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), acc[i]);
+    for (int32_t x : out) sum += x;
+  }
+  return sum;
+}
+
 // oneDNN's AVX2 int8 inner step: u8*s8 pairs summed to s16 (vpmaddubsw), pairs of those to s32
 // (vpmaddwd with ones), accumulated (vpaddd): 32 multiply-adds per 256-bit step.
 __attribute__((target("avx2"))) double Int8Avx2(int64_t iters) {
@@ -92,13 +103,7 @@ __attribute__((target("avx2"))) double Int8Avx2(int64_t iters) {
 #pragma GCC unroll 16  // every accumulator in its own register
     for (int i = 0; i < kAcc; ++i)
       acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones));
-  int32_t out[8];
-  double sum = 0;
-  for (int i = 0; i < kAcc; ++i) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), acc[i]);
-    for (int32_t x : out) sum += x;
-  }
-  return sum;
+  return SumLanes(acc);
 }
 
 __attribute__((target("avx512f,avx512vnni"))) double Int8Vnni512(int64_t iters) {
@@ -122,13 +127,7 @@ __attribute__((target("avx2,avxvnni"))) double Int8AvxVnni(int64_t iters) {
   for (int64_t it = 0; it < iters; ++it)
 #pragma GCC unroll 16  // every accumulator in its own register
     for (int i = 0; i < kAcc; ++i) acc[i] = _mm256_dpbusd_avx_epi32(acc[i], u, s);
-  int32_t out[8];
-  double sum = 0;
-  for (int i = 0; i < kAcc; ++i) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), acc[i]);
-    for (int32_t x : out) sum += x;
-  }
-  return sum;
+  return SumLanes(acc);
 }
 
 __attribute__((target("avx512f,avx512bf16"))) double Bf16Avx512(int64_t iters) {
