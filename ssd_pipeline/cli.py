@@ -212,7 +212,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                       winograd=args.winograd)
     onnx_path = arts.simplified_onnx_path
     if spec.target == "cuda":
-        # built, not loaded: this TVM runtime cannot run CUDA engines
+        # built, not loaded: a CUDA engine loads only where a GPU is (load_engine)
         d = cached_engine_dir(arts.store, onnx_path, spec)
         record = json.loads((d / "engine.json").read_text())
     else:

@@ -313,14 +313,31 @@ def test_tvm_codegen_without_offload_matches(artifacts, sample_batch, ort_output
 
 @pytest.mark.slow
 def test_cuda_fp16_engine_compiles(artifacts, tmp_path, record_property):
-    """The CUDA build path compiles here (no GPU runs it: the wheel's runtime has no CUDA)."""
+    """The CUDA build path compiles here; loading it needs a GPU, and without one it is
+    refused in one line that says so."""
+    import tvm
+
     spec = EngineSpec(target="cuda", precision="fp16", batch=32)
     record = build_engine(artifacts.simplified_onnx_path, spec, tmp_path)
     size = (tmp_path / "engine.so").stat().st_size
     record_property("cuda_fp16_engine", {"bytes": size, "compile_s": record["compile_s"]})
     assert size > 1e6 and record["spec"]["tvm_target"].startswith("{")
-    with pytest.raises(UserError, match="CUDA"):
+    if tvm.cuda(0).exist:
+        pytest.skip("this machine has a CUDA GPU: the refusal below is for machines without")
+    with pytest.raises(UserError, match="TVM sees no CUDA GPU here"):
         load_engine(tmp_path, spec)
+
+
+def test_cuda_build_survives_a_schedule_rule_that_raises(bundles, tmp_path):
+    """dlight's Matmul rule raised a ScheduleError (its tensor-core path's compute-at) on one
+    of the embedded model's fp16 convolutions, which aborted the whole build. The rule now
+    declines that function, the next rule schedules it, and the record names it."""
+    spec = EngineSpec(target="cuda", precision="fp16")
+    record = build_engine(bundles("tiny").artifacts.simplified_onnx_path, spec, tmp_path)
+    assert (tmp_path / "engine.so").stat().st_size > 1e5
+    assert record["cuda_rules_refused"], record["cuda_rules_refused"]
+    assert all(r.startswith("Matmul: ") and not r.endswith("?")
+               for r in record["cuda_rules_refused"])
 
 
 SMALL = (2, 24, 13, 11, 40)  # n, c, h, w, o: odd sizes, channels no multiple of 8

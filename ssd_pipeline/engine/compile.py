@@ -515,18 +515,40 @@ def winograd_record(mod: Any) -> dict[str, Any] | None:
             "executed_gop_per_image": round(sum(winograd_gop(*f) for f in found), 4)}
 
 
-def _cuda_pipeline(mod: Any, spec: EngineSpec, target: Any) -> Any:
+def _cuda_pipeline(mod: Any, spec: EngineSpec, target: Any) -> tuple[Any, list[str]]:
+    """The Relax module lowered with dlight's default GPU schedules, and the functions where a
+    rule raised instead of declining (the next rule scheduled them)."""
     from tvm import relax
     from tvm.s_tir import dlight as dl
+    from tvm.s_tir.schedule import ScheduleError
+
+    refused: list[str] = []
+
+    class Declining(dl.ScheduleRule):
+        """A rule that declines (None) where it raises a ScheduleError. dlight's Matmul rule
+        raised one (its tensor-core path's compute-at) on an fp16 convolution of the embedded
+        model, which aborted the whole build; the rules after it schedule such a function."""
+
+        def __init__(self, rule: Any) -> None:
+            self.rule = rule
+
+        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+            try:
+                return self.rule.apply(func, target, tunable)
+            except ScheduleError:
+                name = next((n for n, f in names if f.same_as(func)), "?")
+                refused.append(f"{type(self.rule).__name__}: {name}")
+                return None
 
     if spec.precision == "fp16":
         mod = relax.transform.ConvertToDataflow()(mod)
         mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
     with target:
         mod = relax.get_pipeline("zero")(mod)
-        mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                      dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
-    return mod
+        names = [(gv.name_hint, f) for gv, f in mod.functions_items()]
+        rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction()]
+        mod = dl.ApplyDefaultSchedule(*map(Declining, rules), dl.gpu.Fallback())(mod)
+    return mod, refused
 
 
 def _calibration_record(spec: EngineSpec, calibration: Path | None) -> dict[str, Any]:
@@ -570,8 +592,9 @@ def build_engine(onnx_path: str | Path, spec: EngineSpec, out_dir: str | Path,
     ops = count_ops(mod)
     winograd = winograd_record(mod) if spec.winograd else None
     bf16_count = bf16_outputs(mod) if spec.precision == "bf16" else None
+    refused = None
     if spec.target == "cuda":
-        mod = _cuda_pipeline(mod, spec, target)
+        mod, refused = _cuda_pipeline(mod, spec, target)
     ex = tvm.compile(mod, target=target)
     ex.export_library(str(out_dir / ENGINE_FILE))
     record = {"spec": spec.key(), "onnx_sha256": file_sha256(onnx_path),
@@ -579,7 +602,7 @@ def build_engine(onnx_path: str | Path, spec: EngineSpec, out_dir: str | Path,
               "input_chw": list(INPUT_CHW), "outputs": outputs,
               "output_layouts": layouts or ["NCHW"] * len(outputs), "relax_ops": ops,
               "quantization": quantization, "winograd": winograd,
-              "bf16_activations": bf16_count,
+              "bf16_activations": bf16_count, "cuda_rules_refused": refused,
               "compile_s": round(time.perf_counter() - t0, 3)}
     (out_dir / META_FILE).write_text(json.dumps(record, indent=1))
     return record
@@ -593,12 +616,13 @@ class Engine:
     record: dict[str, Any]
     path: Path
     shim: Any = None  # the loaded oneDNN shim module, when the engine offloads to it
+    device: Any = None  # where it runs (tvm.cpu() or tvm.cuda(0)); None: the CPU
 
 
 def load_engine(engine_dir: str | Path, spec: EngineSpec, shim: Path | None = None) -> Engine:
     """Load an engine, refusing one built for another target/precision/shape/TVM version."""
     import tvm
-    from tvm import relax
+    from tvm.runtime.vm import VirtualMachine
 
     from .kernels import load_shim
 
@@ -616,8 +640,15 @@ def load_engine(engine_dir: str | Path, spec: EngineSpec, shim: Path | None = No
         raise UserError(f"engine {engine_dir} was built for another configuration: {what}; "
                         "rebuild it with 'ssd-pipeline compile'")
     if spec.target == "cuda":
-        raise UserError("running a CUDA engine needs a CUDA GPU and a CUDA-enabled TVM runtime;"
-                        " this TVM build runs CPU engines only (CUDA engines compile here)")
+        # the wheel's CUDA runtime (libtvm_runtime_cuda) registers the device only where the
+        # CUDA driver (libcuda.so.1) loads, so `exist` is False on a machine without a GPU
+        dev = tvm.cuda(0)
+        if not dev.exist:
+            raise UserError(f"engine {engine_dir} is a CUDA engine and TVM sees no CUDA GPU "
+                            "here (tvm.cuda(0).exist is False: no GPU, or no CUDA driver "
+                            "libcuda.so.1); run it on a machine with an NVIDIA GPU")
+        lib = tvm.runtime.load_module(str(engine_dir / ENGINE_FILE))
+        return Engine(VirtualMachine(lib, dev), record, engine_dir, None, dev)
     if record.get("shim_sha256"):
         if shim is None or file_sha256(shim) != record["shim_sha256"]:
             raise UserError(f"engine {engine_dir} needs the oneDNN shim it was built with "
@@ -626,7 +657,7 @@ def load_engine(engine_dir: str | Path, spec: EngineSpec, shim: Path | None = No
     else:
         shim_mod = None
     lib = tvm.runtime.load_module(str(engine_dir / ENGINE_FILE))
-    return Engine(relax.VirtualMachine(lib, tvm.cpu()), record, engine_dir, shim_mod)
+    return Engine(VirtualMachine(lib, tvm.cpu()), record, engine_dir, shim_mod, tvm.cpu())
 
 
 def cached_engine_dir(store: ArtifactStore, onnx_path: Path, spec: EngineSpec,
