@@ -66,7 +66,7 @@ WINOGRAD_CUTS = {
 # transforms were 5.5-6.0e-2 off, against 3.4-3.8e-3.
 WINOGRAD_F4_CUTS = {"avx512": (128, 19)}
 # the shim's `compute` argument of its float convolutions: direct float32 or bfloat16,
-# Winograd with float32 or bfloat16 products
+# Winograd F(2x2, 3x3) with float32 or bfloat16 products, Winograd F(4x4, 3x3) in float32
 COMPUTE_F32, COMPUTE_BF16, COMPUTE_WINOGRAD, COMPUTE_WINOGRAD_BF16, COMPUTE_WINOGRAD_F4 = range(5)
 # the Winograd computes and their output tile side: F(2x2, 3x3) or F(4x4, 3x3)
 WINOGRAD_TILE = {COMPUTE_WINOGRAD: 2, COMPUTE_WINOGRAD_BF16: 2, COMPUTE_WINOGRAD_F4: 4}
