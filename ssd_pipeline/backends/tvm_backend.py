@@ -17,12 +17,12 @@ if TYPE_CHECKING:
     from ..engine.compile import Engine, EngineSpec
 
 
-def is_winograd(ints: list[int]) -> bool:
-    """The shim call's integer arguments (strides 2, padding 4, dilation 2, relu, and for
-    float calls compute) ask for its Winograd path."""
-    from ..engine.compile import WINOGRAD_COMPUTES
+def winograd_tile_of(ints: list[int]) -> int | None:
+    """The Winograd output tile (2 or 4) a shim call asks for with its integer arguments
+    (strides 2, padding 4, dilation 2, relu, and for float calls compute); None: direct."""
+    from ..engine.compile import WINOGRAD_TILE
 
-    return len(ints) > 9 and ints[9] in WINOGRAD_COMPUTES
+    return WINOGRAD_TILE.get(ints[9]) if len(ints) > 9 else None
 
 
 def conv_label(weight_ohwi: tuple[int, ...], ints: list[int]) -> str:
@@ -31,12 +31,8 @@ def conv_label(weight_ohwi: tuple[int, ...], ints: list[int]) -> str:
     oneDNN's matmul)."""
     co, kh, kw, ci = weight_ohwi
     stride, dilation, relu = ints[0], ints[6], ints[8]
-    how = "oneDNN"
-    if is_winograd(ints):
-        from ..engine.compile import WINOGRAD_TILE
-
-        tile = WINOGRAD_TILE[ints[9]]
-        how = f"Winograd F({tile}x{tile})"
+    tile = winograd_tile_of(ints)
+    how = f"Winograd F({tile}x{tile})" if tile else "oneDNN"
     return (f"{how} conv {kh}x{kw} s{stride}" + (f" d{dilation}" if dilation > 1 else "")
             + f" {ci}->{co}" + (" +relu" if relu else ""))
 
@@ -105,7 +101,7 @@ class TvmRunner(Runner):
         import statistics
         import time
 
-        from ..engine.compile import WINOGRAD_TILE, winograd_gop
+        from ..engine.compile import winograd_gop
         from ..engine.kernels import (
             CONV2D_NHWC,
             CONV2D_NHWC_ADD,
@@ -156,9 +152,9 @@ class TvmRunner(Runner):
             if symbol in (CONV2D_NHWC_ADD, CONV2D_NHWC_INT8_ADD):
                 name = name.replace(" +relu", "") + " +add+relu"
             executed = None
-            if conv and is_winograd(ints):
+            if conv and (tile := winograd_tile_of(ints)):
                 n, oh, ow, co = shapes[-1]
-                executed = n * winograd_gop(oh, ow, shapes[1][3], co, WINOGRAD_TILE[ints[9]])
+                executed = n * winograd_gop(oh, ow, shapes[1][3], co, tile)
             out.append(OpTime(i, name, "conv" if conv else symbol.rstrip("0123456789_"),
                               ms, tuple(shapes[:-1]), shapes[-1] if shapes else None,
                               shapes[1] if conv else None, executed))
