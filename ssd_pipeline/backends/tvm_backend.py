@@ -64,6 +64,9 @@ class TvmRunner(Runner):
         # heads the engine returns channels-last (its convolutions' layout) are handed out as
         # NCHW views, the ONNX graph's layout, without a copy
         self._nhwc = [lay == "NHWC" for lay in engine.record.get("output_layouts", [])]
+        # heads merged into one convolution (compile.merge_heads) come back as channel slices
+        # of its output: (output, first channel, end channel) per ONNX output
+        self._slices = engine.record.get("output_slices")
         self._set_threads()
 
     def _set_threads(self) -> None:
@@ -91,8 +94,9 @@ class TvmRunner(Runner):
             outs = [np.from_dlpack(o) for o in self._fn(wrap(batch))]
         # views, not copies: each output is a fresh VM allocation the view keeps alive;
         # ``.numpy()`` copied the 12 heads for 0.27 ms per call (5% of the embedded model at bs 1)
-        return [o.transpose(0, 3, 1, 2) if nhwc else o
+        outs = [o.transpose(0, 3, 1, 2) if nhwc else o
                 for o, nhwc in zip(outs, self._nhwc or [False] * len(outs), strict=True)]
+        return [outs[i][:, a:b] for i, a, b in self._slices] if self._slices else outs
 
     def profile(self, batch: np.ndarray, rounds: int) -> list[OpTime]:
         """Per call of the Relax VM (its instrument hook, called around every Call
