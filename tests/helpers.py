@@ -47,3 +47,21 @@ def child_env(**extra: str) -> dict[str, str]:
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     return env | {"PYTHONWARNINGS": "ignore"} | extra
+
+
+def head_groups(graph: Any) -> list[list[str]]:
+    """The ONNX graph outputs that convolutions with one geometry compute from one tensor
+    (a level's class and box heads): the TVM engine computes each group as one convolution,
+    its output channels padded to a multiple of ``OC_BLOCK``."""
+    import onnx
+
+    outputs = {o.name for o in graph.output}
+    kernels = {i.name: tuple(i.dims[2:]) for i in graph.initializer}
+    groups: dict[tuple, list[str]] = {}
+    for n in graph.node:
+        if n.op_type == "Conv" and n.output[0] in outputs:
+            attrs = sorted((a.name, str(onnx.helper.get_attribute_value(a)))
+                           for a in n.attribute)
+            key = (n.input[0], kernels[n.input[1]], *attrs)
+            groups.setdefault(key, []).append(n.output[0])
+    return [g for g in groups.values() if len(g) > 1]

@@ -9,7 +9,7 @@ import pytest
 
 from ssd_pipeline.core.errors import UserError
 from ssd_pipeline.engine.compile import EngineSpec, build_engine, cached_engine, load_engine
-from tests.helpers import assert_detection_parity, assert_raw_parity
+from tests.helpers import assert_detection_parity, assert_raw_parity, head_groups
 
 pytestmark = pytest.mark.backend("tvm")
 
@@ -54,39 +54,34 @@ def test_tvm_vs_onnx_detections(model_name, precision, bundles, sample_batch,
                             postprocessor.max_per_img)
 
 
-def head_groups(graph) -> list[list[str]]:
-    """The graph outputs that convolutions with one geometry compute from one tensor (a level's
-    class and box heads): the engine computes each group as one convolution."""
+def test_heads_of_one_level_are_one_convolution(model_name, bundles, sample_batch):
+    """Each level's class and box heads run as one convolution (stacked output channels,
+    zero-padded to oneDNN's block of 16), and the runner hands out each ONNX output as its
+    channel slice, in the ONNX order and shape."""
+    import numpy as np
     import onnx
+    import tvm
 
-    outputs = {o.name for o in graph.output}
-    kernels = {i.name: tuple(i.dims[2:]) for i in graph.initializer}
-    groups: dict[tuple, list[str]] = {}
-    for n in graph.node:
-        if n.op_type == "Conv" and n.output[0] in outputs:
-            attrs = sorted((a.name, str(onnx.helper.get_attribute_value(a)))
-                           for a in n.attribute)
-            key = (n.input[0], kernels[n.input[1]], *attrs)
-            groups.setdefault(key, []).append(n.output[0])
-    return [g for g in groups.values() if len(g) > 1]
-
-
-def test_heads_of_one_level_are_one_convolution(model_name, bundles):
-    """Each level's class and box heads run as one convolution (stacked output channels),
-    and the runner hands out each ONNX output as its channel slice, in the ONNX order."""
-    import onnx
+    from ssd_pipeline.engine.patterns import OC_BLOCK
 
     b = bundles(model_name)
     graph = onnx.load(str(b.artifacts.simplified_onnx_path), load_external_data=False).graph
     groups = head_groups(graph)
     assert len(groups) == 6 and all(len(g) == 2 for g in groups), groups
-    record = b.runner("tvm").engine.record
+    runner = b.runner("tvm")
+    record = runner.engine.record
     slices = record["output_slices"]
     assert len(slices) == len(record["outputs"]) == 12
     assert len(record["output_layouts"]) == 6
     for g in groups:
         (f0, a0, e0), (f1, a1, e1) = (slices[record["outputs"].index(n)] for n in g)
         assert f0 == f1 and a0 == 0 and e0 == a1 < e1, (g, slices)
+    x = np.ascontiguousarray(sample_batch.array[:1])
+    merged = runner.engine.vm["main"](tvm.runtime.tensor(x))
+    assert all(o.shape[3] % OC_BLOCK == 0 for o in merged), [o.shape for o in merged]
+    widths = {o.name: o.type.tensor_type.shape.dim[1].dim_value for o in graph.output}
+    got = runner.run(x)
+    assert [o.shape[1] for o in got] == [widths[n] for n in record["outputs"]]
 
 
 def test_every_convolution_is_offloaded(model_name, bundles):
@@ -131,6 +126,7 @@ def test_winograd_runs_where_it_measured_faster(model_name, bundles):
     from ssd_pipeline.core.timing import conv_gflop_per_image
     from ssd_pipeline.engine.compile import winograd_cuts, winograd_gop
     from ssd_pipeline.engine.kernels import CONV2D_NHWC, CONV2D_NHWC_ADD
+    from ssd_pipeline.engine.patterns import OC_BLOCK
 
     b = bundles(model_name)
     path = str(b.artifacts.simplified_onnx_path)
@@ -142,7 +138,8 @@ def test_winograd_runs_where_it_measured_faster(model_name, bundles):
     width = {n.output[0]: weights[n.input[1]][0] for n in model.graph.node
              if n.op_type == "Conv"}
     for g in head_groups(model.graph):
-        width[g[0]] = sum(width.pop(name) for name in g)
+        total = sum(width.pop(name) for name in g)
+        width[g[0]] = total + -total % OC_BLOCK
     tiles: list[int] = []
     executed = direct = 0.0
     for node in model.graph.node:
@@ -660,7 +657,8 @@ def test_int8_padded_output_channels_slice_back_to_the_same_result(store):
     import tvm
 
     from ssd_pipeline.engine.kernels import build_shim, load_shim
-    from ssd_pipeline.engine.quantize import OC_BLOCK, pad_output_channels, quantize_weights
+    from ssd_pipeline.engine.patterns import OC_BLOCK
+    from ssd_pipeline.engine.quantize import pad_output_channels, quantize_weights
 
     mod = load_shim(str(build_shim(store)))
     rng = np.random.default_rng(5)

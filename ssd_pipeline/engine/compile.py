@@ -32,7 +32,7 @@ from ..core.host import cpu_flags, default_threads, host_cpu
 from ..core.onnxfile import load_onnx
 
 # Bump when the pass pipeline changes: it is part of every engine's cache key.
-PIPELINE_VERSION = 13
+PIPELINE_VERSION = 14
 ENGINE_FILE = "engine.so"
 META_FILE = "engine.json"
 INPUT_CHW = (3, 300, 300)
@@ -210,30 +210,32 @@ def winograd_tile(attrs: Any, weight_shape: Any, out_shape: Any, bf16: bool) -> 
 def merge_heads(mod: Any) -> tuple[Any, list[tuple[int, int, int]]]:
     """Graph outputs that are ``permute(conv2d(x, w) + b)`` over the same ``x`` with the same
     geometry (SSD's class and box heads of one level) become one convolution with the weights'
-    output channels stacked: one call and one pass over ``x`` instead of two, and the narrow
-    box heads (16 or 24 channels) no longer run alone at oneDNN's 16-channel blocking. Returns
-    the module and, per original output, (field, first channel, end channel) of the new
-    outputs it is a slice of (the runner hands those slices out as views, no copy); [] when
-    nothing was merged."""
+    output channels stacked and zero-padded to a multiple of oneDNN's block (``OC_BLOCK``):
+    one call and one pass over ``x`` instead of two, and no narrow head (16 or 24 channels) or
+    channel tail left. Returns the module and, per original output, (field, first channel, end
+    channel) of the new outputs it is a slice of (the runner hands those slices out as views,
+    no copy); [] when no head changed."""
     import numpy as np
     import tvm
     from tvm import relax
     from tvm.ir.expr import Constant
 
+    from .patterns import OC_BLOCK
+
     func = mod["main"]
     bound = relax.analysis.get_var2val(func)
     body = func.body.body
     heads = bound.get(body) if isinstance(body, relax.Var) else body
-    if not isinstance(heads, relax.Tuple):
-        return mod, []
+    if not isinstance(heads, relax.Tuple) or any(f.ty.ndim != 4 for f in heads.fields):
+        return mod, []  # not a graph of NCHW heads
 
     def op_of(e: Any, name: str) -> Any:
         c = bound.get(e) if isinstance(e, relax.Var) else e
         ok = isinstance(c, relax.Call) and isinstance(c.op, tvm.ir.Op) and c.op.name == name
         return c if ok else None
 
-    def head(field: Any) -> tuple[Any, Any, Any] | None:
-        """(conv, bias, group key) of a ``permute(conv2d + bias)`` output, else None."""
+    def head(field: Any) -> tuple[Any, np.ndarray, np.ndarray, Any] | None:
+        """(conv, OHWI weight, bias, group key) of a ``permute(conv2d + bias)`` output."""
         perm = op_of(field, "relax.permute_dims")
         if perm is None or _axes(perm) != TO_NCHW:
             return None
@@ -251,31 +253,29 @@ def merge_heads(mod: Any) -> tuple[Any, list[tuple[int, int, int]]]:
         where = (src.args[0], tuple(_axes(src))) if src is not None else (x, ())
         geometry = (tuple(map(int, a.strides)), tuple(map(int, a.padding)),
                     tuple(map(int, a.dilation)), w.shape[1:], str(conv.ty.dtype))
-        return conv, add.args[1], (*where, geometry)
+        return conv, w, b.reshape(-1), (*where, geometry)
 
-    groups: dict[Any, list[int]] = {}
     found = [head(f) for f in heads.fields]
+    groups: dict[Any, list[int]] = {}
     for i, h in enumerate(found):
         if h is not None:
-            groups.setdefault(h[2], []).append(i)
-    fields: list[Any] = []
-    slices: list[tuple[int, int, int]] = [(0, 0, 0)] * len(heads.fields)
-    merged: dict[int, list[int]] = {}  # first output of a group -> the group
-    for g in groups.values():
-        if len(g) > 1:
-            merged[g[0]] = g
-    in_group = {i for g in merged.values() for i in g}
-    if not merged or any(f.ty.ndim != 4 for f in heads.fields):
-        return mod, []  # nothing to merge, or outputs that are not all NCHW heads
+            groups.setdefault(h[3], []).append(i)
+    changed = {g[0]: g for g in groups.values()
+               if len(g) > 1 or found[g[0]][1].shape[0] % OC_BLOCK}
+    if not changed:
+        return mod, []
+    fields: list[Any] = []  # the new outputs: an original field, or a group to compute
+    slices = [(0, 0, 0)] * len(heads.fields)
+    grouped = {i for g in changed.values() for i in g}
     for i, f in enumerate(heads.fields):
-        if i in merged:
+        if i in changed:
             start = 0
-            for j in merged[i]:
-                width = int(found[j][0].args[1].value.numpy().shape[0])
+            for j in changed[i]:
+                width = found[j][1].shape[0]
                 slices[j] = (len(fields), start, start + width)
                 start += width
-            fields.append(merged[i])
-        elif i not in in_group:
+            fields.append(changed[i])
+        elif i not in grouped:
             slices[i] = (len(fields), 0, int(f.ty.shape[1]))
             fields.append(f)
 
@@ -289,9 +289,13 @@ def merge_heads(mod: Any) -> tuple[Any, list[tuple[int, int, int]]]:
                 if not isinstance(f, list):
                     out.append(self.visit_expr(f))
                     continue
-                conv, a = found[f[0]][0], found[f[0]][0].attrs
-                w = np.concatenate([found[j][0].args[1].value.numpy() for j in f])
-                b = np.concatenate([found[j][1].value.numpy() for j in f], axis=-1)
+                conv = found[f[0]][0]
+                w = np.concatenate([found[j][1] for j in f])
+                b = np.concatenate([found[j][2] for j in f])
+                pad = -w.shape[0] % OC_BLOCK  # zero channels, sliced off by the runner
+                w = np.concatenate([w, np.zeros((pad, *w.shape[1:]), w.dtype)])
+                b = np.concatenate([b, np.zeros(pad, b.dtype)]).reshape(1, 1, 1, -1)
+                a = conv.attrs
                 y = self.builder_.emit(relax.op.nn.conv2d(
                     self.visit_expr(conv.args[0]), relax.const(w), a.strides, a.padding,
                     a.dilation, 1, "NHWC", "OHWI", "NHWC", a.out_dtype))

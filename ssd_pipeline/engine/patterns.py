@@ -6,6 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+# oneDNN's convolution kernels block output channels by 16 (AVX-512; AVX2's 8 divides it): a
+# tail costs far more than its share, so the heads (float, compile.merge_heads) and int8
+# convolutions (quantize) compute a multiple of 16 channels and slice the rest off. int8:
+# SSD300's 324-channel head at 38x38, bs 8, 157 ms, padded to 336 114 ms (328 as slow as 324);
+# fp32, the embedded model's merged heads: 38x38 32->40 -> 48 bs 8 1.75 -> 1.46 ms, bs 1 0.206
+# -> 0.182; 19x19 64->60 -> 64 1.02 -> 0.90, 0.138 -> 0.124; 10x10 128->60 -> 64 0.54 -> 0.47
+OC_BLOCK = 16
+
 
 @dataclass(frozen=True)
 class ConvPatterns:

@@ -20,11 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from .patterns import OC_BLOCK
+
 WEIGHT_AXES_OHWI_TO_OIHW = (0, 3, 1, 2)
-# oneDNN's int8 convolution kernels block output channels by 16: a tail costs far more than
-# its share (SSD300's 324-channel head at 38x38, bs 8: 157 ms; padded to 336: 114 ms; 328 is
-# as slow as 324), so int8 convolutions compute a multiple of 16 channels and slice the rest off
-OC_BLOCK = 16
 RESIDUAL_ARG = 15  # conv2d_nhwc_int8_add's residual: after src, 3 constants, 2 scales, 9 ints
 
 
