@@ -308,10 +308,11 @@ def merge_heads(mod: Any) -> tuple[Any, list[tuple[int, int, int]]]:
 
 
 def offload_convolutions(mod: Any, bf16: bool, winograd: bool = False) -> Any:
-    """NHWC graph; each conv2d(+bias)(+ReLU) becomes one oneDNN call, and so does a residual
-    block's conv(+bias) -> add -> ReLU (the add a oneDNN post-op, so the block's output is
-    written once). ``winograd``: the 3x3 stride-1 ones that :func:`winograd_tile` picks run
-    as Winograd F(4x4, 3x3) or F(2x2, 3x3), at bf16 F(2x2) with bfloat16 products."""
+    """An NHWC graph (:func:`to_nhwc`); each conv2d(+bias)(+ReLU) becomes one oneDNN call, and
+    so does a residual block's conv(+bias) -> add -> ReLU (the add a oneDNN post-op, so the
+    block's output is written once). ``winograd``: the 3x3 stride-1 ones that
+    :func:`winograd_tile` picks run as Winograd F(4x4, 3x3) or F(2x2, 3x3), at bf16 F(2x2)
+    with bfloat16 products."""
     import tvm
     import tvm_ffi
     from tvm import relax
@@ -320,7 +321,6 @@ def offload_convolutions(mod: Any, bf16: bool, winograd: bool = False) -> Any:
     from .kernels import CONV2D_NHWC, CONV2D_NHWC_ADD
     from .patterns import conv_patterns, int_args
 
-    mod = to_nhwc(mod)
     p = conv_patterns()
 
     def call(expr: Any, m: Any, is_relu: bool, extra: list[Any]) -> Any:
@@ -676,13 +676,15 @@ def build_engine(onnx_path: str | Path, spec: EngineSpec, out_dir: str | Path,
             raise ValueError("offload='dnnl' needs the shim library path")
         load_shim(str(shim))
     quantization, slices = None, None
+    if spec.precision == "int8" or spec.offload == "dnnl":
+        mod = to_nhwc(mod)  # the layout every oneDNN rewrite takes
     if spec.precision == "int8":
         cal = _calibration_record(spec, calibration)
-        mod, quantization = int8_convolutions(to_nhwc(mod), cal)
+        mod, quantization = int8_convolutions(mod, cal)
         quantization |= {k: cal.get(k) for k in ("method", "num_images", "images_sha256",
                                                  "images_source")}
     elif spec.offload == "dnnl":
-        mod, slices = merge_heads(to_nhwc(mod))
+        mod, slices = merge_heads(mod)
         mod = offload_convolutions(mod, spec.precision == "bf16", spec.winograd)
     layouts = None
     if spec.offload == "dnnl":

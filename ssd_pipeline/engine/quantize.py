@@ -55,8 +55,9 @@ def _scalar(e: Any) -> float | None:
 
 
 def int8_convolutions(mod: Any, calibration: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """Rewrite an NHWC module (as :func:`offload_convolutions` leaves it before its rewrite)
-    for int8; return it with a summary of what ran in which precision."""
+    """Rewrite an NHWC module (:func:`~ssd_pipeline.engine.compile.to_nhwc`, as
+    :func:`~ssd_pipeline.engine.compile.offload_convolutions` takes it) for int8; return it
+    with a summary of what ran in which precision."""
     import tvm
     from tvm import relax
     from tvm.relax.dpl import is_const, is_op, is_tuple, rewrite_call, wildcard
