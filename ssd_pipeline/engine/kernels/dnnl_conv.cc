@@ -29,13 +29,14 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <mutex>
-#include <sstream>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -71,19 +72,53 @@ void CheckF32(const TensorView& t, const char* name, int ndim) {
   TVM_FFI_ICHECK(t.IsContiguous()) << name << " must be contiguous";
 }
 
-// 16 values spread over the tensor: detects other weights behind a reused address.
-std::vector<float> Fingerprint(const float* p, int64_t n) {
-  std::vector<float> fp(16);
+// 16 values spread over the tensor: detects other weights behind a reused address. An array,
+// not a vector: it is taken on every call, and a heap allocation per call is what it saves.
+using Print = std::array<float, 16>;
+
+Print Fingerprint(const float* p, int64_t n) {
+  Print fp;
   for (int i = 0; i < 16; ++i) fp[i] = p[(n - 1) * i / 15];
   return fp;
 }
 
 // 16 bytes spread over any tensor's data (int8 weights).
-std::vector<float> FingerprintBytes(const void* p, int64_t nbytes) {
-  std::vector<float> fp(16);
+Print FingerprintBytes(const void* p, int64_t nbytes) {
+  Print fp;
   auto b = static_cast<const unsigned char*>(p);
   for (int i = 0; i < 16; ++i) fp[i] = b[(nbytes - 1) * i / 15];
   return fp;
+}
+
+// A cache key: the raw bytes of what is streamed in (integers, doubles, pointers; tags as
+// text). Every call builds one, and a std::ostringstream's number formatting and allocations
+// were ~1 us of a ~6 us call on the small layers. Fixed widths also keep (1, 11) and (11, 1)
+// apart, and a double's exact bits (an int8 scale) apart from its 6-digit print.
+class Key {
+ public:
+  Key() { bytes_.reserve(256); }
+  template <typename T>
+  Key& operator<<(const T& v) {
+    static_assert(std::is_arithmetic_v<T> || std::is_pointer_v<T>, "numbers and pointers only");
+    bytes_.append(reinterpret_cast<const char*>(&v), sizeof(T));
+    return *this;
+  }
+  Key& operator<<(const char* tag) {
+    bytes_.append(tag);
+    bytes_.push_back('\0');
+    return *this;
+  }
+  const std::string& str() const { return bytes_; }
+
+ private:
+  std::string bytes_;
+};
+
+// The calling thread's oneDNN stream: one per thread (engines may run on several threads at
+// once), made once instead of on every call.
+dnnl::stream& Stream() {
+  thread_local dnnl::stream s(CpuEngine());
+  return s;
 }
 
 struct Conv {
@@ -92,7 +127,7 @@ struct Conv {
   dnnl::primitive prim;
   dnnl::memory::desc src_user, src_prim, dst_md, bias_md;
   dnnl::memory weights;            // in the primitive's preferred format and type
-  std::vector<float> fingerprint;  // of the user's weights
+  Print fingerprint{};  // of the user's weights
   bool src_reorder = false;
   std::unordered_map<int, dnnl::memory> scales;  // int8: DNNL_ARG_ATTR_SCALES | arg -> values
   dnnl::memory::desc residual_md;                 // with a residual add: its input
@@ -110,7 +145,7 @@ std::unordered_map<std::string, std::shared_ptr<Entry>>& CacheOf() {
 // The cached entry for `key`, made by `make` when absent or when other weights now sit at the
 // same address (their fingerprint differs).
 template <typename Make>
-auto Cached(const std::string& key, const std::vector<float>& fingerprint, Make make)
+auto Cached(const std::string& key, const Print& fingerprint, Make make)
     -> decltype(make()) {
   auto& cache = CacheOf<typename decltype(make())::element_type>();
   std::lock_guard<std::mutex> lock(g_mu);
@@ -221,7 +256,7 @@ std::shared_ptr<Conv> MakeConv(const TensorView& src, const TensorView& weight,
 struct Wino {
   dnnl::primitive matmul;  // [P, tc, C] . [P, C, O] -> [P, tc, O], P = (m + 2)^2
   dnnl::memory u;          // G g G^T of every (c, o), in the matmul's weights format
-  std::vector<float> fingerprint;
+  Print fingerprint{};
   int64_t tc = 0;  // tiles per chunk (the last chunk is padded with unused tiles)
   int m = 2;       // output tile side
   bool bf16 = false;  // the products in bfloat16: v and u bfloat16, m float32
@@ -563,9 +598,8 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
       << "winograd: 3x3 kernels, stride 1, dilation 1, pads 0 or 1 only";
   const int64_t th = (oh + mt - 1) / mt, tw = (ow + mt - 1) / mt, tiles = n * th * tw;
   const int64_t np = (mt + 2) * (mt + 2);
-  std::ostringstream key;
-  key << n << ',' << h << ',' << w << ',' << c << ';' << o << ';' << pt << pl << pb << pr << ';'
-      << bf16 << ';' << mt << ';' << weight.data_ptr();
+  Key key;
+  key << n << h << w << c << o << pt << pl << pb << pr << bf16 << mt << weight.data_ptr();
   auto wino = Cached(key.str(),
                      Fingerprint(static_cast<const float*>(weight.data_ptr()), weight.numel()),
                      [&] { return MakeWino(weight, tiles, bf16, mt); });
@@ -581,7 +615,7 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
   using dt = dnnl::memory::data_type;
   using tag = dnnl::memory::format_tag;
   auto& eng = CpuEngine();
-  dnnl::stream s(eng);
+  dnnl::stream& s = Stream();
   dnnl::memory v_m({{np, tc, c}, bf16 ? dt::bf16 : dt::f32, tag::abc}, eng,
                    bf16 ? static_cast<void*>(vb.data()) : static_cast<void*>(v.data()));
   dnnl::memory m_m({{np, tc, o}, dt::f32, tag::abc}, eng, m.data());
@@ -654,13 +688,12 @@ void RunF32(TensorView src, TensorView weight, TensorView bias, const TensorView
     return;
   }
   const int64_t bf16 = compute;
-  std::ostringstream key;
-  key << src.size(0) << ',' << src.size(1) << ',' << src.size(2) << ',' << src.size(3) << ';'
-      << weight.size(0) << ',' << weight.size(1) << ',' << weight.size(2) << ';' << dst.size(1)
-      << ',' << dst.size(2) << ';' << sh << sw << ';' << pt << ',' << pl << ',' << pb << ','
-      << pr << ';' << dh << dw << relu << bf16 << (residual != nullptr)
-      << (residual != nullptr && IsBf16(*residual)) << ';' << IsBf16(src)
-      << IsBf16(dst) << ';' << weight.data_ptr();
+  Key key;
+  key << "conv" << src.size(0) << src.size(1) << src.size(2) << src.size(3) << weight.size(0)
+      << weight.size(1) << weight.size(2) << dst.size(1) << dst.size(2) << sh << sw << pt << pl
+      << pb << pr << dh << dw << relu << bf16 << (residual != nullptr)
+      << (residual != nullptr && IsBf16(*residual)) << IsBf16(src) << IsBf16(dst)
+      << weight.data_ptr();
   auto conv = Cached(
       key.str(), Fingerprint(static_cast<const float*>(weight.data_ptr()), weight.numel()),
       [&] {
@@ -668,7 +701,7 @@ void RunF32(TensorView src, TensorView weight, TensorView bias, const TensorView
                         residual);
       });
   auto& eng = CpuEngine();
-  dnnl::stream s(eng);
+  dnnl::stream& s = Stream();
   dnnl::memory src_m(conv->src_user, eng, src.data_ptr());
   dnnl::memory src_c = src_m;
   if (conv->src_reorder) {
@@ -801,21 +834,18 @@ void RunInt8(TensorView src, TensorView weight, TensorView wscale, TensorView bi
   TVM_FFI_ICHECK(bias.size(0) == weight.size(0) && wscale.size(0) == weight.size(0) &&
                  dst.size(3) == weight.size(0));
   TVM_FFI_ICHECK(src_scale > 0 && dst_scale > 0) << "scales must be positive";
-  std::ostringstream key;
-  key << "int8;" << src.size(0) << ',' << src.size(1) << ',' << src.size(2) << ','
-      << src.size(3) << ';' << weight.size(0) << ',' << weight.size(1) << ',' << weight.size(2)
-      << ';' << dst.size(1) << ',' << dst.size(2) << ';' << sh << sw << ';' << pt << ',' << pl
-      << ',' << pb << ',' << pr << ';' << dh << dw << relu << ';'
-      << (residual == nullptr ? -1 : int(residual->dtype().code)) << ';'
-      << int(dst.dtype().code) << ';' << src_scale << ',' << dst_scale << ';'
-      << weight.data_ptr() << ',' << wscale.data_ptr();
+  Key key;
+  key << "int8" << src.size(0) << src.size(1) << src.size(2) << src.size(3) << weight.size(0)
+      << weight.size(1) << weight.size(2) << dst.size(1) << dst.size(2) << sh << sw << pt << pl
+      << pb << pr << dh << dw << relu << (residual == nullptr ? -1 : int(residual->dtype().code))
+      << int(dst.dtype().code) << src_scale << dst_scale << weight.data_ptr() << wscale.data_ptr();
   auto conv = Cached(key.str(), FingerprintBytes(weight.data_ptr(), weight.numel()), [&] {
     return MakeConvInt8(src, weight, wscale, dst, static_cast<float>(src_scale),
                         static_cast<float>(dst_scale), sh, sw, pt, pl, pb, pr, dh, dw,
                         relu != 0, residual);
   });
   auto& eng = CpuEngine();
-  dnnl::stream s(eng);
+  dnnl::stream& s = Stream();
   std::unordered_map<int, dnnl::memory> args = conv->scales;
   args[DNNL_ARG_SRC] = dnnl::memory(conv->src_user, eng, src.data_ptr());
   args[DNNL_ARG_WEIGHTS] = conv->weights;
@@ -855,7 +885,7 @@ dnnl::memory::data_type ActivationType(const TensorView& t, const char* name) {
 // Runs a one-input primitive (pooling, or a reorder: its FROM/TO are oneDNN's SRC/DST).
 void ExecuteSrcDst(const Conv& p, const TensorView& src, const TensorView& dst) {
   auto& eng = CpuEngine();
-  dnnl::stream s(eng);
+  dnnl::stream& s = Stream();
   p.prim.execute(s, {{DNNL_ARG_SRC, dnnl::memory(p.src_user, eng, src.data_ptr())},
                      {DNNL_ARG_DST, dnnl::memory(p.dst_md, eng, dst.data_ptr())}});
   s.wait();
@@ -874,10 +904,9 @@ void MaxPool2dNHWC(TensorView src, int64_t kh, int64_t kw, int64_t sh, int64_t s
   // ceil_mode: the last window may run past the padding given; it reads more padding instead
   pb = std::max(pb, (dst.size(1) - 1) * sh + kh - src.size(1) - pt);
   pr = std::max(pr, (dst.size(2) - 1) * sw + kw - src.size(2) - pl);
-  std::ostringstream key;
-  key << "maxpool;" << int(type) << ';' << src.size(0) << ',' << src.size(1) << ','
-      << src.size(2) << ',' << src.size(3) << ';' << dst.size(1) << ',' << dst.size(2) << ';'
-      << kh << kw << sh << sw << ';' << pt << ',' << pl << ',' << pb << ',' << pr;
+  Key key;
+  key << "maxpool" << int(type) << src.size(0) << src.size(1) << src.size(2) << src.size(3)
+      << dst.size(1) << dst.size(2) << kh << kw << sh << sw << pt << pl << pb << pr;
   auto pool = Cached(key.str(), {}, [&] {
     auto p = std::make_shared<Conv>();
     p->src_user = dnnl::memory::desc({src.size(0), src.size(3), src.size(1), src.size(2)},
@@ -900,9 +929,8 @@ void NHWCToNCHW(TensorView src, TensorView dst) {
   TVM_FFI_ICHECK(ActivationType(dst, "dst") == type && dst.size(0) == src.size(0) &&
                  dst.size(1) == src.size(3) && dst.size(2) == src.size(1) &&
                  dst.size(3) == src.size(2)) << "dst must be src permuted NHWC -> NCHW";
-  std::ostringstream key;
-  key << "nchw;" << int(type) << ';' << src.size(0) << ',' << src.size(1) << ','
-      << src.size(2) << ',' << src.size(3);
+  Key key;
+  key << "nchw" << int(type) << src.size(0) << src.size(1) << src.size(2) << src.size(3);
   auto r = Cached(key.str(), {}, [&] {
     auto p = std::make_shared<Conv>();
     dnnl::memory::dims dims{src.size(0), src.size(3), src.size(1), src.size(2)};
