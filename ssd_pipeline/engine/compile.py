@@ -32,7 +32,7 @@ from ..core.host import cpu_flags, default_threads, host_cpu
 from ..core.onnxfile import load_onnx
 
 # Bump when the pass pipeline changes: it is part of every engine's cache key.
-PIPELINE_VERSION = 14
+PIPELINE_VERSION = 15
 ENGINE_FILE = "engine.so"
 META_FILE = "engine.json"
 INPUT_CHW = (3, 300, 300)
@@ -56,6 +56,14 @@ WINOGRAD_CUTS = {
     # 38x38 32->32 1.65 / 2.50; 75x75 16->16 2.35 / 3.30
     "avx512": (128, 10),
 }
+# bf16 (F(2x2) with bfloat16 products) has its own cut. The bf16 figures above were taken when
+# oneDNN's direct bf16 convolution still read and wrote float32; since the activations stay
+# bfloat16 it runs the 128-channel layers at the bf16 matmul's rate. Re-measured that way
+# (time Winograd / direct, bs 8): SSD300 150x150 128->128 1.16, 75x75 128->256 1.07; 256 and
+# 512 channels still win (75x75 256->256 0.85-0.88, 38x38 512->512 0.65-0.67). Whole engines
+# with this cut against the 128-channel one: SSD300 bs 1 / 8 / 32 0.999 / 0.990 / 0.968 of the
+# time; embedded model (its 10x10 128->128 layers direct) bs 1 0.98-0.99, bs 8 0.97-0.98.
+WINOGRAD_BF16_CUTS = {"avx512": (256, 10)}
 # fp32 3x3 stride-1 convolutions at or above these cuts run as Winograd F(4x4, 3x3) (compute 4:
 # 2.25 multiplies per output against F(2x2)'s 4; its error 0.5-2.2e-5 of the output's largest
 # against F(2x2)'s 0.3-0.9e-6). Measured on AVX-512 only (Zen 4, shim called directly, same
@@ -180,10 +188,14 @@ def to_nhwc(mod: Any) -> Any:
     return relax.transform.FoldConstant()(mod)  # weight permutes become OHWI constants
 
 
-def winograd_cuts(tile: int = 2) -> tuple[int, int] | None:
-    """(min channels, min output side) of Winograd F(tile x tile, 3x3) on this CPU
-    (``WINOGRAD_CUTS``, ``WINOGRAD_F4_CUTS``); None where it was not measured to win."""
+def winograd_cuts(tile: int = 2, bf16: bool = False) -> tuple[int, int] | None:
+    """(min channels, min output side) of Winograd F(tile x tile, 3x3) on this CPU, with
+    float32 or (``bf16``) bfloat16 products (``WINOGRAD_CUTS``, ``WINOGRAD_BF16_CUTS``,
+    ``WINOGRAD_F4_CUTS``); None where it was not measured to win (F(4x4) at bf16: too
+    inexact)."""
     isa = "avx512" if "avx512f" in cpu_flags() else "avx2"
+    if bf16:
+        return WINOGRAD_BF16_CUTS.get(isa) if tile == 2 else None
     return (WINOGRAD_CUTS if tile == 2 else WINOGRAD_F4_CUTS).get(isa)
 
 
@@ -200,8 +212,8 @@ def winograd_tile(attrs: Any, weight_shape: Any, out_shape: Any, bf16: bool) -> 
             and all(int(p) in (0, 1) for p in attrs.padding)
             and all(isinstance(d, tvm.tirx.IntImm) for d in size)):
         return None
-    for tile in (() if bf16 else (4,)) + (2,):
-        cuts = winograd_cuts(tile)
+    for tile in (4, 2):
+        cuts = winograd_cuts(tile, bf16)
         if cuts and min(c, o) >= cuts[0] and min(int(d) for d in size) >= cuts[1]:
             return tile
     return None
