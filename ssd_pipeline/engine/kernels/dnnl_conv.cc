@@ -245,10 +245,10 @@ std::shared_ptr<Conv> MakeConv(const TensorView& src, const TensorView& weight,
 
 // Winograd F(m x m, 3x3), m = 2 or 4, for 3x3 stride-1 float convolutions (Lavin & Gray, 2015):
 // each (m + 2)^2 input tile becomes (m + 2)^2 products of (tiles x C) . (C x O) matrices:
-// 4 (m = 2) or 2.25 (m = 4) multiplies per output instead of 9. oneDNN 3.2 has no Winograd on
-// AVX2 (only AVX-512), so the shim does the transforms (OpenMP, oneDNN's own threads) and
-// oneDNN's matmul does the products, one batched call per chunk of tiles; chunks keep the
-// transformed tiles in the last-level cache. Transform matrices:
+// 4 (m = 2) or 2.25 (m = 4) multiplies per output instead of 9. The pip build of oneDNN 3.2 has
+// no Winograd convolution (AVX2 or AVX-512: no primitive descriptor), so the shim does the
+// transforms (OpenMP, oneDNN's own threads) and oneDNN's matmul does the products, one batched
+// call per chunk of tiles (chunk size: see MakeWino). Transform matrices:
 // m = 2: B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1],
 //        A^T = [1 1 1 0; 0 1 -1 -1];
 // m = 4: B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0;
@@ -263,9 +263,31 @@ struct Wino {
   bool bf16 = false;  // the products in bfloat16: v and u bfloat16, m float32
 };
 
-// 8 floats (AVX2's ymm where the target_clones below allow it, else two SSE registers) or 1:
-// the transforms run on whole vectors of channels, then on the remainder.
+// 8 floats (a ymm register in the AVX clones below, else two SSE registers) or 1: the
+// transforms run on whole vectors of channels, then on the remainder.
 typedef float F8 __attribute__((vector_size(32)));
+
+// The transforms are compiled once per ISA level and picked at load time. x86-64-v4 (AVX-512VL)
+// gives the 8-float vectors 32 registers instead of 16: an F(4x4) tile holds 36 of them.
+// Older compilers (arch= levels in target_clones need GCC 12) get the AVX2 clone.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#endif
+
+// f(lo, hi) on each OpenMP thread's share of [0, n). The parallel region stays outside the
+// VECTOR_CLONES functions it calls: GCC outlines an `omp parallel` body into a function of its
+// own, which does not inherit the clone's target, so a region inside a clone ran on SSE.
+template <typename F>
+void ParallelRange(int64_t n, F f) {
+#pragma omp parallel
+  {
+    const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+    const int64_t lo = n * id / nt, hi = n * (id + 1) / nt;
+    if (lo < hi) f(lo, hi);
+  }
+}
 
 template <typename T>
 __attribute__((always_inline)) inline T Load(const float* p) {
@@ -396,15 +418,15 @@ __attribute__((always_inline)) inline void OutputTile(const float* m, int64_t st
   }
 }
 
-// Input tiles [t0, t0 + tc) of src (NHWC, N x H x W x C) into v[(M + 2)^2][tc][C]; tiles past
+// Input tiles t0 + [lo, hi) of src (NHWC, N x H x W x C) into v[(M + 2)^2][tc][C]; tiles past
 // the last (the padded end of the last chunk) read zeros.
 template <int M, typename Src, typename S>
 __attribute__((always_inline)) inline void WinoInputTiles(
     const Src* src, S* v, const Src* zeros, int64_t t0, int64_t tc, int64_t tiles,
-    int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl) {
+    int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl,
+    int64_t lo, int64_t hi) {
   constexpr int A = M + 2;
-#pragma omp parallel for schedule(static)
-  for (int64_t tl = 0; tl < tc; ++tl) {
+  for (int64_t tl = lo; tl < hi; ++tl) {
     const int64_t t = t0 + tl;
     const int64_t n = t / (th * tw), ty = t / tw % th, tx = t % tw;
     const Src* d[A][A];
@@ -423,45 +445,45 @@ __attribute__((always_inline)) inline void WinoInputTiles(
 template <typename Src, typename S>
 __attribute__((always_inline)) inline void WinoInputAny(
     int m, const Src* src, S* v, const Src* zeros, int64_t t0, int64_t tc, int64_t tiles,
-    int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl) {
+    int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl,
+    int64_t lo, int64_t hi) {
   if (m == 4)
-    WinoInputTiles<4>(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl);
+    WinoInputTiles<4>(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, lo, hi);
   else
-    WinoInputTiles<2>(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl);
+    WinoInputTiles<2>(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, lo, hi);
 }
 
-// one clone per storage type (target_clones does not take templates)
-__attribute__((target_clones("avx2", "default")))
+// one clone per storage type (target_clones does not take templates); each runs tiles [lo, hi)
+VECTOR_CLONES
 void WinoInput(const float* src, float* v, const float* zeros, int64_t t0, int64_t tc,
                int64_t tiles, int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c,
-               int64_t pt, int64_t pl, int m) {
-  WinoInputAny(m, src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl);
+               int64_t pt, int64_t pl, int m, int64_t lo, int64_t hi) {
+  WinoInputAny(m, src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, lo, hi);
 }
 
-__attribute__((target_clones("avx2", "default")))
+VECTOR_CLONES
 void WinoInput(const float* src, uint16_t* v, const float* zeros, int64_t t0, int64_t tc,
                int64_t tiles, int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c,
-               int64_t pt, int64_t pl, int m) {
-  WinoInputAny(m, src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl);
+               int64_t pt, int64_t pl, int m, int64_t lo, int64_t hi) {
+  WinoInputAny(m, src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, lo, hi);
 }
 
-__attribute__((target_clones("avx2", "default")))
+VECTOR_CLONES
 void WinoInput(const uint16_t* src, uint16_t* v, const uint16_t* zeros, int64_t t0, int64_t tc,
                int64_t tiles, int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c,
-               int64_t pt, int64_t pl, int m) {
-  WinoInputAny(m, src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl);
+               int64_t pt, int64_t pl, int m, int64_t lo, int64_t hi) {
+  WinoInputAny(m, src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, lo, hi);
 }
 
-// m[(M + 2)^2][tc][O] of tiles [t0, t0 + tc) -> their M x M outputs in dst (NHWC, D: float or
-// bfloat16 bits), + bias (+ residual, of dst's shape), ReLU.
+// m[(M + 2)^2][tc][O] of tiles t0 + [t_lo, t_hi) -> their M x M outputs in dst (NHWC, D: float
+// or bfloat16 bits), + bias (+ residual, of dst's shape), ReLU.
 template <int M, typename R, typename D>
 __attribute__((always_inline)) inline void WinoOutputTiles(
     const float* m, const float* bias, const R* residual, D* dst, int64_t t0, int64_t tc,
-    int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t o, bool relu) {
-  const int64_t end = std::min(tc, tiles - t0);
+    int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t o, bool relu,
+    int64_t t_lo, int64_t t_hi) {
   const float lo = relu ? 0.f : -INFINITY;
-#pragma omp parallel for schedule(static)
-  for (int64_t tl = 0; tl < end; ++tl) {
+  for (int64_t tl = t_lo; tl < t_hi; ++tl) {
     const int64_t t = t0 + tl;
     const int64_t n = t / (th * tw), ty = t / tw % th, tx = t % tw;
     D* y[M][M];
@@ -486,39 +508,39 @@ template <typename R, typename D>
 __attribute__((always_inline)) inline void WinoOutputAny(
     int mt, const float* m, const float* bias, const R* residual, D* dst, int64_t t0,
     int64_t tc, int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t o,
-    bool relu) {
+    bool relu, int64_t lo, int64_t hi) {
   if (mt == 4)
-    WinoOutputTiles<4>(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu);
+    WinoOutputTiles<4>(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu, lo, hi);
   else
-    WinoOutputTiles<2>(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu);
+    WinoOutputTiles<2>(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu, lo, hi);
 }
 
-__attribute__((target_clones("avx2", "default")))
+VECTOR_CLONES
 void WinoOutput(const float* m, const float* bias, const float* residual, float* dst,
                 int64_t t0, int64_t tc, int64_t tiles, int64_t th, int64_t tw, int64_t oh,
-                int64_t ow, int64_t o, bool relu, int mt) {
-  WinoOutputAny(mt, m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu);
+                int64_t ow, int64_t o, bool relu, int mt, int64_t lo, int64_t hi) {
+  WinoOutputAny(mt, m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu, lo, hi);
 }
 
-__attribute__((target_clones("avx2", "default")))
+VECTOR_CLONES
 void WinoOutput(const float* m, const float* bias, const float* residual, uint16_t* dst,
                 int64_t t0, int64_t tc, int64_t tiles, int64_t th, int64_t tw, int64_t oh,
-                int64_t ow, int64_t o, bool relu, int mt) {
-  WinoOutputAny(mt, m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu);
+                int64_t ow, int64_t o, bool relu, int mt, int64_t lo, int64_t hi) {
+  WinoOutputAny(mt, m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu, lo, hi);
 }
 
-__attribute__((target_clones("avx2", "default")))
+VECTOR_CLONES
 void WinoOutput(const float* m, const float* bias, const uint16_t* residual, uint16_t* dst,
                 int64_t t0, int64_t tc, int64_t tiles, int64_t th, int64_t tw, int64_t oh,
-                int64_t ow, int64_t o, bool relu, int mt) {
-  WinoOutputAny(mt, m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu);
+                int64_t ow, int64_t o, bool relu, int mt, int64_t lo, int64_t hi) {
+  WinoOutputAny(mt, m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu, lo, hi);
 }
 
-__attribute__((target_clones("avx2", "default")))
+VECTOR_CLONES
 void WinoOutput(const float* m, const float* bias, const uint16_t* residual, float* dst,
                 int64_t t0, int64_t tc, int64_t tiles, int64_t th, int64_t tw, int64_t oh,
-                int64_t ow, int64_t o, bool relu, int mt) {
-  WinoOutputAny(mt, m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu);
+                int64_t ow, int64_t o, bool relu, int mt, int64_t lo, int64_t hi) {
+  WinoOutputAny(mt, m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu, lo, hi);
 }
 
 // y = G . x over three taps of a 3x3 kernel (double: the m = 4 constants are not exact in float)
@@ -544,9 +566,15 @@ std::shared_ptr<Wino> MakeWino(const TensorView& weight, int64_t tiles, bool bf1
   const int64_t o = weight.size(0), c = weight.size(3);
   const int a = m + 2, np = a * a;  // input tile side, products per tile
   auto wino = std::make_shared<Wino>();
-  // chunks of up to 32 MB of transformed tiles: the matmul's M (tiles per chunk) stays in the
-  // thousands, where oneDNN's AVX2 matmul runs at ~140 GOP/s (8 MB chunks: ~100)
-  const int64_t budget = std::max<int64_t>(64, (32 << 20) / (np * 4 * std::max(c, o)));
+  // Chunk size. Each chunk's matmul streams all of the transformed weights u once. Where u is
+  // small (<= 8 MB, a quarter of a Zen 4 L3) it stays cached, and 2 MB chunks keep the tiles
+  // and products in cache between the transforms and the matmul (SSD300 150x150 128->128 F(4x4)
+  // bs 8: 0.68 of the time with 32 MB chunks; 1 MB: 0.72). A larger u is read from memory once
+  // per chunk, so 32 MB chunks (38x38 512->512, u 38 MB: 2 MB chunks 1.17x the time; on AVX2
+  // 8 MB chunks ran the matmul at ~100 GOP/s against ~140).
+  const int64_t u_bytes = np * c * o * (bf16 ? 2 : 4);
+  const int64_t chunk = u_bytes <= (8 << 20) ? (2 << 20) : (32 << 20);
+  const int64_t budget = std::max<int64_t>(64, chunk / (np * 4 * std::max(c, o)));
   const int64_t chunks = (tiles + budget - 1) / budget;
   wino->tc = (tiles + chunks - 1) / chunks;
   wino->m = m;
@@ -626,31 +654,42 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
                          ? static_cast<const float*>(residual->data_ptr()) : nullptr;
   const uint16_t* res_b = res_bf16 ? static_cast<const uint16_t*>(residual->data_ptr()) : nullptr;
   const float* b = static_cast<const float*>(bias.data_ptr());
+  // the thread_local buffers' addresses, taken on this thread: inside the parallel regions
+  // below their names would mean each worker thread's own (empty) buffers
+  float* const vf = v.data();
+  uint16_t* const vh = vb.data();
+  float* const mf = m.data();
+  const float* const zf = zeros.data();
+  const uint16_t* const zh = zeros_b.data();
   for (int64_t t0 = 0; t0 < tiles; t0 += tc) {
-    if (IsBf16(src))  // bfloat16 activations (checked by RunF32: only with bf16 products)
-      WinoInput(static_cast<const uint16_t*>(src.data_ptr()), vb.data(), zeros_b.data(), t0, tc,
-                tiles, th, tw, h, w, c, pt, pl, mt);
-    else if (bf16)
-      WinoInput(static_cast<const float*>(src.data_ptr()), vb.data(), zeros.data(), t0, tc,
-                tiles, th, tw, h, w, c, pt, pl, mt);
-    else
-      WinoInput(static_cast<const float*>(src.data_ptr()), v.data(), zeros.data(), t0, tc,
-                tiles, th, tw, h, w, c, pt, pl, mt);
+    ParallelRange(tc, [&](int64_t lo, int64_t hi) {
+      if (IsBf16(src))  // bfloat16 activations (checked by RunF32: only with bf16 products)
+        WinoInput(static_cast<const uint16_t*>(src.data_ptr()), vh, zh, t0, tc, tiles, th, tw,
+                  h, w, c, pt, pl, mt, lo, hi);
+      else if (bf16)
+        WinoInput(static_cast<const float*>(src.data_ptr()), vh, zf, t0, tc, tiles, th, tw, h,
+                  w, c, pt, pl, mt, lo, hi);
+      else
+        WinoInput(static_cast<const float*>(src.data_ptr()), vf, zf, t0, tc, tiles, th, tw, h,
+                  w, c, pt, pl, mt, lo, hi);
+    });
     wino->matmul.execute(s, {{DNNL_ARG_SRC, v_m}, {DNNL_ARG_WEIGHTS, wino->u},
                              {DNNL_ARG_DST, m_m}});
     s.wait();
-    if (res_b != nullptr && IsBf16(dst))
-      WinoOutput(m.data(), b, res_b, static_cast<uint16_t*>(dst.data_ptr()), t0, tc, tiles, th,
-                 tw, oh, ow, o, relu, mt);
-    else if (res_b != nullptr)
-      WinoOutput(m.data(), b, res_b, static_cast<float*>(dst.data_ptr()), t0, tc, tiles, th,
-                 tw, oh, ow, o, relu, mt);
-    else if (IsBf16(dst))
-      WinoOutput(m.data(), b, res, static_cast<uint16_t*>(dst.data_ptr()), t0, tc, tiles, th,
-                 tw, oh, ow, o, relu, mt);
-    else
-      WinoOutput(m.data(), b, res, static_cast<float*>(dst.data_ptr()), t0, tc, tiles, th, tw,
-                 oh, ow, o, relu, mt);
+    ParallelRange(std::min(tc, tiles - t0), [&](int64_t lo, int64_t hi) {
+      if (res_b != nullptr && IsBf16(dst))
+        WinoOutput(mf, b, res_b, static_cast<uint16_t*>(dst.data_ptr()), t0, tc, tiles, th, tw,
+                   oh, ow, o, relu, mt, lo, hi);
+      else if (res_b != nullptr)
+        WinoOutput(mf, b, res_b, static_cast<float*>(dst.data_ptr()), t0, tc, tiles, th, tw,
+                   oh, ow, o, relu, mt, lo, hi);
+      else if (IsBf16(dst))
+        WinoOutput(mf, b, res, static_cast<uint16_t*>(dst.data_ptr()), t0, tc, tiles, th, tw,
+                   oh, ow, o, relu, mt, lo, hi);
+      else
+        WinoOutput(mf, b, res, static_cast<float*>(dst.data_ptr()), t0, tc, tiles, th, tw, oh,
+                   ow, o, relu, mt, lo, hi);
+    });
   }
 }
 
@@ -950,9 +989,9 @@ void NHWCToNCHW(TensorView src, TensorView dst) {
 // between two permutes; this is one pass over the pixels on oneDNN's threads.
 template <typename Src>
 __attribute__((always_inline)) inline void L2NormRows(const Src* src, const float* w, float eps,
-                                                      float* dst, int64_t pixels, int64_t c) {
-#pragma omp parallel for schedule(static)
-  for (int64_t p = 0; p < pixels; ++p) {
+                                                      float* dst, int64_t lo, int64_t hi,
+                                                      int64_t c) {
+  for (int64_t p = lo; p < hi; ++p) {
     const Src* x = src + p * c;
     float* y = dst + p * c;
     F8 acc = {};
@@ -971,16 +1010,16 @@ __attribute__((always_inline)) inline void L2NormRows(const Src* src, const floa
   }
 }
 
-__attribute__((target_clones("avx2", "default")))
-void L2NormPixels(const float* src, const float* w, float eps, float* dst, int64_t pixels,
-                  int64_t c) {
-  L2NormRows(src, w, eps, dst, pixels, c);
+VECTOR_CLONES
+void L2NormPixels(const float* src, const float* w, float eps, float* dst, int64_t lo,
+                  int64_t hi, int64_t c) {
+  L2NormRows(src, w, eps, dst, lo, hi, c);
 }
 
-__attribute__((target_clones("avx2", "default")))
-void L2NormPixels(const uint16_t* src, const float* w, float eps, float* dst, int64_t pixels,
-                  int64_t c) {
-  L2NormRows(src, w, eps, dst, pixels, c);
+VECTOR_CLONES
+void L2NormPixels(const uint16_t* src, const float* w, float eps, float* dst, int64_t lo,
+                  int64_t hi, int64_t c) {
+  L2NormRows(src, w, eps, dst, lo, hi, c);
 }
 
 void L2NormNHWC(TensorView src, TensorView weight, double eps, TensorView dst) {
@@ -994,12 +1033,14 @@ void L2NormNHWC(TensorView src, TensorView weight, double eps, TensorView dst) {
   const int64_t pixels = src.size(0) * src.size(1) * src.size(2);
   const float* w = static_cast<const float*>(weight.data_ptr());
   float* y = static_cast<float*>(dst.data_ptr());
-  if (IsBf16(src))
-    L2NormPixels(static_cast<const uint16_t*>(src.data_ptr()), w, static_cast<float>(eps), y,
-                 pixels, src.size(3));
-  else
-    L2NormPixels(static_cast<const float*>(src.data_ptr()), w, static_cast<float>(eps), y,
-                 pixels, src.size(3));
+  const float e = static_cast<float>(eps);
+  const int64_t c = src.size(3);
+  ParallelRange(pixels, [&](int64_t lo, int64_t hi) {
+    if (IsBf16(src))
+      L2NormPixels(static_cast<const uint16_t*>(src.data_ptr()), w, e, y, lo, hi, c);
+    else
+      L2NormPixels(static_cast<const float*>(src.data_ptr()), w, e, y, lo, hi, c);
+  });
 }
 
 int64_t CacheSize() {
