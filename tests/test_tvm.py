@@ -165,7 +165,7 @@ def test_winograd_runs_where_it_measured_faster(model_name, precision, bundles):
     ops, wino = record["relax_ops"], record["winograd"]
     got = ops.get(f"{CONV2D_NHWC}:winograd", 0) + ops.get(f"{CONV2D_NHWC_ADD}:winograd", 0)
     assert got == len(tiles), (ops, tiles)
-    if not tiles:  # int8, and the embedded model at bf16 (no layer reaches its cut)
+    if not tiles:  # int8, and bf16 where this CPU has no bf16 cut (AVX2)
         assert wino is None, wino
         return
     assert got == wino["convolutions"], (ops, wino)

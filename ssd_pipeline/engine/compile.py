@@ -32,7 +32,7 @@ from ..core.host import cpu_flags, default_threads, host_cpu
 from ..core.onnxfile import load_onnx
 
 # Bump when the pass pipeline changes: it is part of every engine's cache key.
-PIPELINE_VERSION = 15
+PIPELINE_VERSION = 16
 ENGINE_FILE = "engine.so"
 META_FILE = "engine.json"
 INPUT_CHW = (3, 300, 300)
@@ -63,7 +63,13 @@ WINOGRAD_CUTS = {
 # 512 channels still win (75x75 256->256 0.85-0.88, 38x38 512->512 0.65-0.67). Whole engines
 # with this cut against the 128-channel one: SSD300 bs 1 / 8 / 32 0.999 / 0.990 / 0.968 of the
 # time; embedded model (its 10x10 128->128 layers direct) bs 1 0.98-0.99, bs 8 0.97-0.98.
-WINOGRAD_BF16_CUTS = {"avx512": (256, 10)}
+# [Twelfth pass] Those figures were taken while the shim's transforms ran on SSE (GCC's outlined
+# OpenMP bodies ignored the AVX clones). With AVX transforms and cache-sized chunks the 128-channel
+# layers win again at bf16 (bs 8 then bs 1): 150x150 128->128 0.79, 0.82; 75x75 128->256 0.67,
+# 0.63; 10x10 128->128 0.86, 0.88; 64 channels lose or tie (300x300 64->64 1.23, 1.19; 150x150
+# 64->128 1.04, 1.02; 38x38 64->64 0.87, 0.94). SSD300 bf16 engine, this cut against 256
+# channels: bs 8 0.985, bs 1 0.965 of the time.
+WINOGRAD_BF16_CUTS = {"avx512": (128, 10)}
 # fp32 3x3 stride-1 convolutions at or above these cuts run as Winograd F(4x4, 3x3) (compute 4:
 # 2.25 multiplies per output against F(2x2)'s 4; its error 0.5-2.2e-5 of the output's largest
 # against F(2x2)'s 0.3-0.9e-6). Measured on AVX-512 only (Zen 4, shim called directly, same
@@ -72,7 +78,13 @@ WINOGRAD_BF16_CUTS = {"avx512": (256, 10)}
 # 512->324 0.68. Lost: 10x10 512->486 0.93, 1.27 (12x12 computed for 10x10 outputs);
 # 300x300 64->64 1.2x oneDNN's direct. bf16 keeps F(2x2): bfloat16 products of F(4x4)'s
 # transforms were 5.5-6.0e-2 off, against 3.4-3.8e-3.
-WINOGRAD_F4_CUTS = {"avx512": (128, 19)}
+# [Twelfth pass] With AVX transforms and cache-sized chunks, F(4x4) / direct, bs 8 then bs 1:
+# 300x300 64->64 0.70, 0.52; 150x150 64->128 0.46, 0.44; 150x150 128->128 0.41, 0.42; 75x75 64->64
+# 0.52, 0.42; 19x19 64->64 0.57, 0.63; 38x38 32->32 0.82, 0.85 (inside the embedded engine at
+# bs 1 it lost: 1.07-1.20 per layer), 19x19 32->32 0.75, 0.98; 75x75 16->16 1.03, 1.14. Hence
+# 64 channels. SSD300 fp32 engine (its smallest layers have 64), this cut against the old 128:
+# bs 8 0.943, bs 1 0.862 of the time.
+WINOGRAD_F4_CUTS = {"avx512": (64, 19)}
 # the shim's `compute` argument of its float convolutions: direct float32 or bfloat16,
 # Winograd F(2x2, 3x3) with float32 or bfloat16 products, Winograd F(4x4, 3x3) in float32
 COMPUTE_F32, COMPUTE_BF16, COMPUTE_WINOGRAD, COMPUTE_WINOGRAD_BF16, COMPUTE_WINOGRAD_F4 = range(5)
