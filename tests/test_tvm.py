@@ -385,7 +385,12 @@ def test_cuda_build_survives_a_schedule_rule_that_raises(bundles, tmp_path):
 
 
 SMALL = (2, 24, 13, 11, 40)  # n, c, h, w, o: odd sizes, channels no multiple of 8
-CHUNKED = (1, 512, 70, 70, 512)  # Winograd: 1225 tiles, two chunks, the last one padded
+# Winograd in chunks, the last one padded with unused tiles. Transformed weights above 8 MB
+# take 32 MB chunks: F(2x2) fp32 1225 tiles in two (F(4x4): 324 tiles, one chunk); at most
+# 8 MB, 2 MB chunks: bf16 F(2x2) 1225 tiles in 20 here; 1156 (F(2x2), three chunks) and 289
+# (F(4x4), two) at 64 channels.
+CHUNKED = (1, 512, 70, 70, 512)
+CHUNKED_SMALL_WEIGHTS = (1, 64, 67, 67, 64)
 
 
 @pytest.mark.parametrize("kh, stride, pad, dilation, relu, residual, compute, shape", [
@@ -403,11 +408,14 @@ CHUNKED = (1, 512, 70, 70, 512)  # Winograd: 1225 tiles, two chunks, the last on
     (3, 1, 0, 1, 1, False, 2, SMALL),
     (3, 1, 1, 1, 1, True, 2, SMALL),
     (3, 1, 1, 1, 0, False, 2, CHUNKED),
+    (3, 1, 1, 1, 1, False, 2, CHUNKED_SMALL_WEIGHTS),
     (3, 1, 1, 1, 1, False, 4, SMALL),  # Winograd F(4x4, 3x3): 13x11 outputs in 4x4 tiles
     (3, 1, 1, 1, 0, False, 4, SMALL),
     (3, 1, 0, 1, 1, False, 4, SMALL),
     (3, 1, 1, 1, 1, True, 4, SMALL),
     (3, 1, 1, 1, 0, False, 4, CHUNKED),
+    (3, 1, 1, 1, 1, False, 4, CHUNKED_SMALL_WEIGHTS),
+    (3, 1, 1, 1, 1, True, 4, CHUNKED_SMALL_WEIGHTS),
     (3, 1, 1, 1, 1, False, 1, SMALL),  # bfloat16, direct
     (3, 1, 1, 1, 1, True, 1, SMALL),
     (1, 1, 0, 1, 1, True, 1, SMALL),
@@ -415,6 +423,7 @@ CHUNKED = (1, 512, 70, 70, 512)  # Winograd: 1225 tiles, two chunks, the last on
     (3, 1, 1, 1, 1, True, 3, SMALL),
     (3, 1, 0, 1, 0, False, 3, SMALL),
     (3, 1, 1, 1, 0, False, 3, CHUNKED),
+    (3, 1, 1, 1, 1, True, 3, CHUNKED_SMALL_WEIGHTS),
 ])
 def test_shim_convolution_equals_torch(store, kh, stride, pad, dilation, relu, residual,
                                        compute, shape):
