@@ -263,18 +263,14 @@ struct Wino {
   bool bf16 = false;  // the products in bfloat16: v and u bfloat16, m float32
 };
 
-// 8 floats (a ymm register in the AVX clones below, else two SSE registers) or 1: the
+// 8 floats (a ymm register in the AVX2 clones below, else two SSE registers) or 1: the
 // transforms run on whole vectors of channels, then on the remainder.
 typedef float F8 __attribute__((vector_size(32)));
 
-// The transforms are compiled once per ISA level and picked at load time. x86-64-v4 (AVX-512VL)
-// gives the 8-float vectors 32 registers instead of 16: an F(4x4) tile holds 36 of them.
-// Older compilers (arch= levels in target_clones need GCC 12) get the AVX2 clone.
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-#define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
+// The transforms are compiled twice, AVX2 and baseline, and picked at load time. Clones for
+// x86-64-v3 (FMA) and x86-64-v4 (AVX-512VL: 32 vector registers) measured the same as AVX2
+// (SSD300 150x150 128->128 F(4x4), bs 8: 0.39-0.40 of the direct time each).
 #define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#endif
 
 // f(lo, hi) on each OpenMP thread's share of [0, n). The parallel region stays outside the
 // VECTOR_CLONES functions it calls: GCC outlines an `omp parallel` body into a function of its
