@@ -474,6 +474,50 @@ def test_shim_convolution_equals_torch(store, kh, stride, pad, dilation, relu, r
     np.testing.assert_allclose(t[3].numpy(), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("compute, shape, residual", [
+    (2, SMALL, True), (4, SMALL, False), (4, CHUNKED_SMALL_WEIGHTS, True), (3, SMALL, True)])
+def test_shim_winograd_every_vector_isa(store, compute, shape, residual):
+    """The Winograd transforms are compiled per instruction set (AVX-512 with 16 channels a
+    vector, AVX2 and baseline with 8) and the widest this CPU runs is picked: every level it
+    has gives the same convolution (SMALL's 24 and 40 channels take each vector width's
+    remainder path)."""
+    import numpy as np
+    import tvm
+
+    from ssd_pipeline.core.host import cpu_flags
+    from ssd_pipeline.engine.kernels import build_shim, load_shim
+
+    if compute == 3 and "avx512_bf16" not in cpu_flags():
+        pytest.skip("bfloat16 convolutions need avx512_bf16 (this CPU has none)")
+    mod = load_shim(str(build_shim(store)))
+    widest = mod.vector_isa(-1)
+    rng = np.random.default_rng(compute)
+    n, c, h, w, o = shape
+    args = [tvm.runtime.tensor(a) for a in (
+        rng.standard_normal((n, h, w, c), dtype=np.float32),
+        rng.standard_normal((o, 3, 3, c), dtype=np.float32) * (0.1 / c ** 0.5),
+        rng.standard_normal(o, dtype=np.float32))]
+    res = tvm.runtime.tensor(rng.standard_normal((n, h, w, o), dtype=np.float32))
+    outs = {}
+    try:
+        for level in range(widest + 1):
+            assert mod.vector_isa(level) == level
+            dst = tvm.runtime.tensor(np.zeros((n, h, w, o), np.float32))
+            geometry = (1, 1, 1, 1, 1, 1, 1, 1, 1, compute)
+            if residual:
+                mod.conv2d_nhwc_add(*args, *geometry, res, dst)
+            else:
+                mod.conv2d_nhwc(*args, *geometry, dst)
+            outs[level] = dst.numpy()
+    finally:
+        mod.vector_isa(-1)
+    for level, out in outs.items():  # the same arithmetic in every width
+        np.testing.assert_allclose(out, outs[widest], rtol=1e-6, atol=1e-6,
+                                   err_msg=f"vector_isa {level} against {widest}")
+    with pytest.raises(Exception, match="what this CPU runs"):
+        mod.vector_isa(widest + 1)
+
+
 @pytest.mark.parametrize("stride, dilation, kh, compute, message", [
     (2, 1, 3, 2, "stride 1 and dilation 1 only"),
     (1, 2, 3, 2, "stride 1 and dilation 1 only"),

@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -263,18 +264,52 @@ struct Wino {
   bool bf16 = false;  // the products in bfloat16: v and u bfloat16, m float32
 };
 
-// 8 floats (a ymm register in the AVX2 clones below, else two SSE registers) or 1: the
-// transforms run on whole vectors of channels, then on the remainder.
+// 16 floats (a zmm register in the AVX-512 transforms below), 8 (a ymm register with AVX2,
+// else two SSE registers) or 1: the transforms run on whole vectors of channels, then on the
+// remainder.
+typedef float F16 __attribute__((vector_size(64)));
 typedef float F8 __attribute__((vector_size(32)));
 
-// The transforms are compiled twice, AVX2 and baseline, and picked at load time. Clones for
-// x86-64-v3 (FMA) and x86-64-v4 (AVX-512VL: 32 vector registers) measured the same as AVX2
-// (SSD300 150x150 128->128 F(4x4), bs 8: 0.39-0.40 of the direct time each).
+// L2Norm is compiled twice, AVX2 and baseline, and picked at load time.
 #define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
 
+// The Winograd transforms are compiled three times, each instruction set with its own vector
+// width (target_clones compiles one body, so one width, for every target): AVX-512
+// (x86-64-v4, 16 channels a vector), AVX2 (8) and baseline (8, as SSE pairs), and the widest
+// this CPU runs is picked once (VectorIsa). 16 channels against 8, both in x86-64-v4 code, on
+// SSD300's F(4x4) layers at bs 8: 0.91-0.97 of the time; x86-64-v3 and -v4 code with 8-channel
+// vectors had measured the same as AVX2.
+#define AVX512_ISA __attribute__((target("arch=x86-64-v4"), noinline))
+#define AVX2_ISA __attribute__((target("avx2"), noinline))
+#define BASE_ISA __attribute__((noinline))
+
+enum class Isa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// the widest of them this CPU runs
+Isa CpuVectorIsa() {
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512cd"))
+      return Isa::kAvx512;
+    return __builtin_cpu_supports("avx2") ? Isa::kAvx2 : Isa::kBase;
+  }();
+  return isa;
+}
+
+// a narrower one, set by vector_isa (tests run every level this CPU has); -1: none
+std::atomic<int> g_isa_cap{-1};
+
+Isa VectorIsa() {
+  const int cap = g_isa_cap.load(std::memory_order_relaxed);
+  return cap >= 0 ? static_cast<Isa>(cap) : CpuVectorIsa();
+}
+
 // f(lo, hi) on each OpenMP thread's share of [0, n). The parallel region stays outside the
-// VECTOR_CLONES functions it calls: GCC outlines an `omp parallel` body into a function of its
-// own, which does not inherit the clone's target, so a region inside a clone ran on SSE.
+// functions compiled for an instruction set (VECTOR_CLONES, *_ISA) that it calls: GCC outlines
+// an `omp parallel` body into a function of its own, which does not inherit the caller's
+// target, so a region inside a clone ran on SSE.
 template <typename F>
 void ParallelRange(int64_t n, F f) {
 #pragma omp parallel
@@ -299,8 +334,12 @@ __attribute__((always_inline)) inline void Store(float* p, T x) {
 
 // float32 -> bfloat16, rounded to the nearest even (oneDNN's rounding; the transforms of
 // finite inputs are finite, so no NaN case); bfloat16 -> float32 is exact (a shift)
-typedef uint32_t U8 __attribute__((vector_size(32)));
-typedef uint16_t H8 __attribute__((vector_size(16)));
+// the bits of a vector of L floats, and of L bfloat16
+template <int L>
+struct Bits {
+  typedef uint32_t U __attribute__((vector_size(4 * L)));
+  typedef uint16_t H __attribute__((vector_size(2 * L)));
+};
 
 template <typename T>
 __attribute__((always_inline)) inline T Load(const uint16_t* p) {
@@ -309,10 +348,11 @@ __attribute__((always_inline)) inline T Load(const uint16_t* p) {
     const uint32_t u = static_cast<uint32_t>(*p) << 16;
     std::memcpy(&x, &u, 4);
   } else {
-    H8 h;
-    std::memcpy(&h, p, 16);
-    const U8 u = __builtin_convertvector(h, U8) << 16;
-    std::memcpy(&x, &u, 32);
+    using B = Bits<sizeof(T) / 4>;
+    typename B::H h;
+    std::memcpy(&h, p, sizeof(h));
+    const typename B::U u = __builtin_convertvector(h, typename B::U) << 16;
+    std::memcpy(&x, &u, sizeof(T));
   }
   return x;
 }
@@ -324,10 +364,12 @@ __attribute__((always_inline)) inline void Store(uint16_t* p, T x) {
     std::memcpy(&u, &x, 4);
     *p = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
   } else {
-    U8 u;
-    std::memcpy(&u, &x, 32);
-    const H8 h = __builtin_convertvector((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16, H8);
-    std::memcpy(p, &h, 16);
+    using B = Bits<sizeof(T) / 4>;
+    typename B::U u;
+    std::memcpy(&u, &x, sizeof(T));
+    const typename B::H h =
+        __builtin_convertvector((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16, typename B::H);
+    std::memcpy(p, &h, sizeof(h));
   }
 }
 
@@ -365,6 +407,10 @@ __attribute__((always_inline)) inline void OutputRow(const T (&x)[M + 2], T (&y)
   }
 }
 
+// The fixed-trip loops of the transforms are unrolled by pragma: at -O2 GCC kept some as
+// loops and copied each tile's source vectors through the stack before using them. Unrolled,
+// SSD300's layers at bs 8 took 0.86-0.98 of the time (fp32 F(4x4)) and 0.75-0.87 (bf16 F(2x2)).
+
 // channels [k, k + lanes) of one tile: v[a * (M + 2) + b] = (B^T . d . B)[a][b], stored as S
 // (float, or bfloat16 bits)
 template <typename T, int M, typename Src, typename S>
@@ -372,15 +418,20 @@ __attribute__((always_inline)) inline void InputTile(const Src* const (&d)[M + 2
                                                      int64_t stride, int64_t k) {
   constexpr int A = M + 2;
   T r[A][A];
+  #pragma GCC unroll 8
   for (int i = 0; i < A; ++i) {  // rows: d . B
     T x[A];
+    #pragma GCC unroll 8
     for (int j = 0; j < A; ++j) x[j] = Load<T>(d[i][j] + k);
     InputRow<M>(x, r[i]);
   }
+  #pragma GCC unroll 8
   for (int j = 0; j < A; ++j) {  // columns: B^T . (d . B)
     T x[A], y[A];
+    #pragma GCC unroll 8
     for (int i = 0; i < A; ++i) x[i] = r[i][j];
     InputRow<M>(x, y);
+    #pragma GCC unroll 8
     for (int i = 0; i < A; ++i) Store<T>(v + (i * A + j) * stride + k, y[i]);
   }
 }
@@ -396,16 +447,21 @@ __attribute__((always_inline)) inline void OutputTile(const float* m, int64_t st
                                                       const bool (&keep)[M][M], int64_t k) {
   constexpr int A = M + 2;
   T s[M][A];
+  #pragma GCC unroll 8
   for (int j = 0; j < A; ++j) {  // A^T . m
     T x[A], z[M];
+    #pragma GCC unroll 8
     for (int i = 0; i < A; ++i) x[i] = Load<T>(m + (i * A + j) * stride + k);
     OutputRow<M>(x, z);
+    #pragma GCC unroll 8
     for (int p = 0; p < M; ++p) s[p][j] = z[p];
   }
   const T b = Load<T>(bias + k);
+  #pragma GCC unroll 8
   for (int p = 0; p < M; ++p) {  // (A^T . m) . A
     T z[M];
     OutputRow<M>(s[p], z);
+    #pragma GCC unroll 8
     for (int q = 0; q < M; ++q) {
       T out = z[q] + b;
       if (r[p][q] != nullptr) out += Load<T>(r[p][q] + k);  // a residual block's add
@@ -416,7 +472,7 @@ __attribute__((always_inline)) inline void OutputTile(const float* m, int64_t st
 
 // Input tiles t0 + [lo, hi) of src (NHWC, N x H x W x C) into v[(M + 2)^2][tc][C]; tiles past
 // the last (the padded end of the last chunk) read zeros.
-template <int M, typename Src, typename S>
+template <int M, int W, typename Src, typename S>
 __attribute__((always_inline)) inline void WinoInputTiles(
     const Src* src, S* v, const Src* zeros, int64_t t0, int64_t tc, int64_t tiles,
     int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl,
@@ -426,54 +482,62 @@ __attribute__((always_inline)) inline void WinoInputTiles(
     const int64_t t = t0 + tl;
     const int64_t n = t / (th * tw), ty = t / tw % th, tx = t % tw;
     const Src* d[A][A];
+    #pragma GCC unroll 8
     for (int i = 0; i < A; ++i)
+      #pragma GCC unroll 8
       for (int j = 0; j < A; ++j) {
         const int64_t y = M * ty - pt + i, x = M * tx - pl + j;
         d[i][j] = (t < tiles && y >= 0 && y < h && x >= 0 && x < w)
                       ? src + ((n * h + y) * w + x) * c : zeros;
       }
     int64_t k = 0;
+    if constexpr (W == 16)
+      for (; k + 16 <= c; k += 16) InputTile<F16, M>(d, v + tl * c, tc * c, k);
     for (; k + 8 <= c; k += 8) InputTile<F8, M>(d, v + tl * c, tc * c, k);
     for (; k < c; ++k) InputTile<float, M>(d, v + tl * c, tc * c, k);
   }
 }
 
-template <typename Src, typename S>
+// Input tiles [lo, hi) of one chunk, W channels a vector (16, or 8)
+template <int W, typename Src, typename S>
 __attribute__((always_inline)) inline void WinoInputAny(
     int m, const Src* src, S* v, const Src* zeros, int64_t t0, int64_t tc, int64_t tiles,
     int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl,
     int64_t lo, int64_t hi) {
   if (m == 4)
-    WinoInputTiles<4>(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, lo, hi);
+    WinoInputTiles<4, W>(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, lo, hi);
   else
-    WinoInputTiles<2>(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, lo, hi);
+    WinoInputTiles<2, W>(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, lo, hi);
 }
 
-// one clone per storage type (target_clones does not take templates); each runs tiles [lo, hi)
-VECTOR_CLONES
-void WinoInput(const float* src, float* v, const float* zeros, int64_t t0, int64_t tc,
-               int64_t tiles, int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c,
-               int64_t pt, int64_t pl, int m, int64_t lo, int64_t hi) {
-  WinoInputAny(m, src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, lo, hi);
-}
+#define WINO_INPUT_ARGS                                                                      \
+  const Src *src, S *v, const Src *zeros, int64_t t0, int64_t tc, int64_t tiles, int64_t th, \
+      int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl, int m, int64_t lo, \
+      int64_t hi
+#define WINO_INPUT_PASS m, src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, lo, hi
+#define WINO_INPUT_CALL src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, m, lo, hi
 
-VECTOR_CLONES
-void WinoInput(const float* src, uint16_t* v, const float* zeros, int64_t t0, int64_t tc,
-               int64_t tiles, int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c,
-               int64_t pt, int64_t pl, int m, int64_t lo, int64_t hi) {
-  WinoInputAny(m, src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, lo, hi);
-}
+template <typename Src, typename S>
+AVX512_ISA void WinoInputAvx512(WINO_INPUT_ARGS) { WinoInputAny<16>(WINO_INPUT_PASS); }
+template <typename Src, typename S>
+AVX2_ISA void WinoInputAvx2(WINO_INPUT_ARGS) { WinoInputAny<8>(WINO_INPUT_PASS); }
+template <typename Src, typename S>
+BASE_ISA void WinoInputBase(WINO_INPUT_ARGS) { WinoInputAny<8>(WINO_INPUT_PASS); }
 
-VECTOR_CLONES
-void WinoInput(const uint16_t* src, uint16_t* v, const uint16_t* zeros, int64_t t0, int64_t tc,
-               int64_t tiles, int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c,
-               int64_t pt, int64_t pl, int m, int64_t lo, int64_t hi) {
-  WinoInputAny(m, src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, lo, hi);
+// tiles t0 + [lo, hi) of src (float, or bfloat16 bits) into v (float, or bfloat16 bits) with
+// this CPU's widest vectors
+template <typename Src, typename S>
+void WinoInput(WINO_INPUT_ARGS) {
+  switch (VectorIsa()) {
+    case Isa::kAvx512: return WinoInputAvx512(WINO_INPUT_CALL);
+    case Isa::kAvx2: return WinoInputAvx2(WINO_INPUT_CALL);
+    default: return WinoInputBase(WINO_INPUT_CALL);
+  }
 }
 
 // m[(M + 2)^2][tc][O] of tiles t0 + [t_lo, t_hi) -> their M x M outputs in dst (NHWC, D: float
 // or bfloat16 bits), + bias (+ residual, of dst's shape), ReLU.
-template <int M, typename R, typename D>
+template <int M, int W, typename R, typename D>
 __attribute__((always_inline)) inline void WinoOutputTiles(
     const float* m, const float* bias, const R* residual, D* dst, int64_t t0, int64_t tc,
     int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t o, bool relu,
@@ -485,7 +549,9 @@ __attribute__((always_inline)) inline void WinoOutputTiles(
     D* y[M][M];
     const R* r[M][M];
     bool keep[M][M];
+    #pragma GCC unroll 8
     for (int p = 0; p < M; ++p)
+      #pragma GCC unroll 8
       for (int q = 0; q < M; ++q) {
         const int64_t yy = M * ty + p, xx = M * tx + q;
         keep[p][q] = yy < oh && xx < ow;
@@ -494,49 +560,52 @@ __attribute__((always_inline)) inline void WinoOutputTiles(
         r[p][q] = residual != nullptr ? residual + at : nullptr;
       }
     int64_t k = 0;
+    if constexpr (W == 16)
+      for (; k + 16 <= o; k += 16)
+        OutputTile<F16, M>(m + tl * o, tc * o, bias, F16{} + lo, y, r, keep, k);
     for (; k + 8 <= o; k += 8)
       OutputTile<F8, M>(m + tl * o, tc * o, bias, F8{} + lo, y, r, keep, k);
     for (; k < o; ++k) OutputTile<float, M>(m + tl * o, tc * o, bias, lo, y, r, keep, k);
   }
 }
 
-template <typename R, typename D>
+// Output tiles [lo, hi) of one chunk, W channels a vector (16, or 8)
+template <int W, typename R, typename D>
 __attribute__((always_inline)) inline void WinoOutputAny(
     int mt, const float* m, const float* bias, const R* residual, D* dst, int64_t t0,
     int64_t tc, int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t o,
     bool relu, int64_t lo, int64_t hi) {
   if (mt == 4)
-    WinoOutputTiles<4>(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu, lo, hi);
+    WinoOutputTiles<4, W>(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu, lo,
+                          hi);
   else
-    WinoOutputTiles<2>(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu, lo, hi);
+    WinoOutputTiles<2, W>(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu, lo,
+                          hi);
 }
 
-VECTOR_CLONES
-void WinoOutput(const float* m, const float* bias, const float* residual, float* dst,
-                int64_t t0, int64_t tc, int64_t tiles, int64_t th, int64_t tw, int64_t oh,
-                int64_t ow, int64_t o, bool relu, int mt, int64_t lo, int64_t hi) {
-  WinoOutputAny(mt, m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu, lo, hi);
-}
+#define WINO_OUTPUT_ARGS                                                                    \
+  const float *m, const float *bias, const R *residual, D *dst, int64_t t0, int64_t tc,     \
+      int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t o, bool relu, \
+      int mt, int64_t lo, int64_t hi
+#define WINO_OUTPUT_PASS mt, m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu, lo, hi
+#define WINO_OUTPUT_CALL m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu, mt, lo, hi
 
-VECTOR_CLONES
-void WinoOutput(const float* m, const float* bias, const float* residual, uint16_t* dst,
-                int64_t t0, int64_t tc, int64_t tiles, int64_t th, int64_t tw, int64_t oh,
-                int64_t ow, int64_t o, bool relu, int mt, int64_t lo, int64_t hi) {
-  WinoOutputAny(mt, m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu, lo, hi);
-}
+template <typename R, typename D>
+AVX512_ISA void WinoOutputAvx512(WINO_OUTPUT_ARGS) { WinoOutputAny<16>(WINO_OUTPUT_PASS); }
+template <typename R, typename D>
+AVX2_ISA void WinoOutputAvx2(WINO_OUTPUT_ARGS) { WinoOutputAny<8>(WINO_OUTPUT_PASS); }
+template <typename R, typename D>
+BASE_ISA void WinoOutputBase(WINO_OUTPUT_ARGS) { WinoOutputAny<8>(WINO_OUTPUT_PASS); }
 
-VECTOR_CLONES
-void WinoOutput(const float* m, const float* bias, const uint16_t* residual, uint16_t* dst,
-                int64_t t0, int64_t tc, int64_t tiles, int64_t th, int64_t tw, int64_t oh,
-                int64_t ow, int64_t o, bool relu, int mt, int64_t lo, int64_t hi) {
-  WinoOutputAny(mt, m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu, lo, hi);
-}
-
-VECTOR_CLONES
-void WinoOutput(const float* m, const float* bias, const uint16_t* residual, float* dst,
-                int64_t t0, int64_t tc, int64_t tiles, int64_t th, int64_t tw, int64_t oh,
-                int64_t ow, int64_t o, bool relu, int mt, int64_t lo, int64_t hi) {
-  WinoOutputAny(mt, m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu, lo, hi);
+// products m of tiles t0 + [lo, hi) into dst (float, or bfloat16 bits), + bias (+ residual,
+// float or bfloat16 bits), ReLU, with this CPU's widest vectors
+template <typename R, typename D>
+void WinoOutput(WINO_OUTPUT_ARGS) {
+  switch (VectorIsa()) {
+    case Isa::kAvx512: return WinoOutputAvx512(WINO_OUTPUT_CALL);
+    case Isa::kAvx2: return WinoOutputAvx2(WINO_OUTPUT_CALL);
+    default: return WinoOutputBase(WINO_OUTPUT_CALL);
+  }
 }
 
 // y = G . x over three taps of a 3x3 kernel (double: the m = 4 constants are not exact in float)
@@ -1047,6 +1116,17 @@ int64_t CacheSize() {
 // oneDNN (GNU OpenMP build) threads for convolutions issued from the calling thread.
 void SetNumThreads(int64_t n) { omp_set_num_threads(static_cast<int>(n)); }
 
+// vector_isa(level): the Winograd transforms' instruction set from now on, 0 baseline, 1 AVX2,
+// 2 AVX-512, at most what this CPU runs; -1 goes back to the widest. Returns the one in effect.
+int64_t SetVectorIsa(int64_t level) {
+  const int64_t cpu = static_cast<int64_t>(CpuVectorIsa());
+  TVM_FFI_ICHECK(level >= -1 && level <= cpu)
+      << "vector_isa: level -1 (this CPU's widest), or 0 (baseline) to " << cpu
+      << " (what this CPU runs), got " << level;
+  g_isa_cap.store(static_cast<int>(level), std::memory_order_relaxed);
+  return static_cast<int64_t>(VectorIsa());
+}
+
 // oneDNN's verbose mode (0 off, 1 every execution, 2 also creation), printed to stdout: lets a
 // test see which implementation ran each primitive.
 void SetVerbose(int64_t level) { dnnl::set_verbose(static_cast<int>(level)); }
@@ -1069,4 +1149,5 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(l2norm_nhwc, L2NormNHWC);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cache_size, CacheSize);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(clear_cache, ClearCache);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(set_num_threads, SetNumThreads);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(vector_isa, SetVectorIsa);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(set_verbose, SetVerbose);
