@@ -32,7 +32,7 @@ from ..core.host import cpu_flags, default_threads, host_cpu
 from ..core.onnxfile import load_onnx
 
 # Bump when the pass pipeline changes: it is part of every engine's cache key.
-PIPELINE_VERSION = 16
+PIPELINE_VERSION = 17
 ENGINE_FILE = "engine.so"
 META_FILE = "engine.json"
 INPUT_CHW = (3, 300, 300)
@@ -84,7 +84,13 @@ WINOGRAD_BF16_CUTS = {"avx512": (128, 10)}
 # bs 1 it lost: 1.07-1.20 per layer), 19x19 32->32 0.75, 0.98; 75x75 16->16 1.03, 1.14. Hence
 # 64 channels. SSD300 fp32 engine (its smallest layers have 64), this cut against the old 128:
 # bs 8 0.943, bs 1 0.862 of the time.
-WINOGRAD_F4_CUTS = {"avx512": (64, 19)}
+# [Thirteenth pass] With the transforms unrolled and 16 channels a vector on AVX-512, F(4x4) /
+# direct, bs 8 then bs 1: 38x38 32->32 0.54-0.59, 0.69; 19x19 32->32 0.61, 0.95; 75x75 16->16
+# 0.67, 0.93. The embedded model's fp32 engine with a 16-channel cut (15 Winograd convolutions,
+# 12 of them F(4x4)) against the 64-channel one (7, 4), same process, interleaved: bs 1
+# 0.906-0.932, bs 8 0.856-0.871 of the time in six runs (a seventh, in a noisy stretch, 1.46).
+# SSD300 has no layer below 64 channels: its engine does not change.
+WINOGRAD_F4_CUTS = {"avx512": (16, 19)}
 # the shim's `compute` argument of its float convolutions: direct float32 or bfloat16,
 # Winograd F(2x2, 3x3) with float32 or bfloat16 products, Winograd F(4x4, 3x3) in float32
 COMPUTE_F32, COMPUTE_BF16, COMPUTE_WINOGRAD, COMPUTE_WINOGRAD_BF16, COMPUTE_WINOGRAD_F4 = range(5)
