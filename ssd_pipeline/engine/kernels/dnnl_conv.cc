@@ -510,6 +510,7 @@ __attribute__((always_inline)) inline void WinoInputAny(
     WinoInputTiles<2, W>(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, lo, hi);
 }
 
+#define WINO_INPUT_T template <typename Src, typename S>
 #define WINO_INPUT_ARGS                                                                      \
   const Src *src, S *v, const Src *zeros, int64_t t0, int64_t tc, int64_t tiles, int64_t th, \
       int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl, int m, int64_t lo, \
@@ -517,23 +518,23 @@ __attribute__((always_inline)) inline void WinoInputAny(
 #define WINO_INPUT_PASS m, src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, lo, hi
 #define WINO_INPUT_CALL src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, m, lo, hi
 
-template <typename Src, typename S>
-AVX512_ISA void WinoInputAvx512(WINO_INPUT_ARGS) { WinoInputAny<16>(WINO_INPUT_PASS); }
-template <typename Src, typename S>
-AVX2_ISA void WinoInputAvx2(WINO_INPUT_ARGS) { WinoInputAny<8>(WINO_INPUT_PASS); }
-template <typename Src, typename S>
-BASE_ISA void WinoInputBase(WINO_INPUT_ARGS) { WinoInputAny<8>(WINO_INPUT_PASS); }
-
-// tiles t0 + [lo, hi) of src (float, or bfloat16 bits) into v (float, or bfloat16 bits) with
-// this CPU's widest vectors
-template <typename Src, typename S>
-void WinoInput(WINO_INPUT_ARGS) {
-  switch (VectorIsa()) {
-    case Isa::kAvx512: return WinoInputAvx512(WINO_INPUT_CALL);
-    case Isa::kAvx2: return WinoInputAvx2(WINO_INPUT_CALL);
-    default: return WinoInputBase(WINO_INPUT_CALL);
+// NAME(ARGS): NAME##Any<W>(PASS) built for each instruction set with its vector width, and the
+// widest this CPU runs called (TEMPLATE, ARGS, PASS, CALL: macros, so their commas pass through)
+#define PER_ISA(NAME, TEMPLATE, ARGS, PASS, CALL)                                    \
+  TEMPLATE AVX512_ISA void NAME##Avx512(ARGS) { NAME##Any<16>(PASS); }              \
+  TEMPLATE AVX2_ISA void NAME##Avx2(ARGS) { NAME##Any<8>(PASS); }                   \
+  TEMPLATE BASE_ISA void NAME##Base(ARGS) { NAME##Any<8>(PASS); }                   \
+  TEMPLATE void NAME(ARGS) {                                                          \
+    switch (VectorIsa()) {                                                            \
+      case Isa::kAvx512: return NAME##Avx512(CALL);                                   \
+      case Isa::kAvx2: return NAME##Avx2(CALL);                                       \
+      default: return NAME##Base(CALL);                                               \
+    }                                                                                 \
   }
-}
+
+// WinoInput: tiles t0 + [lo, hi) of src (float, or bfloat16 bits) into v (float, or bfloat16
+// bits)
+PER_ISA(WinoInput, WINO_INPUT_T, WINO_INPUT_ARGS, WINO_INPUT_PASS, WINO_INPUT_CALL)
 
 // m[(M + 2)^2][tc][O] of tiles t0 + [t_lo, t_hi) -> their M x M outputs in dst (NHWC, D: float
 // or bfloat16 bits), + bias (+ residual, of dst's shape), ReLU.
@@ -583,6 +584,7 @@ __attribute__((always_inline)) inline void WinoOutputAny(
                           hi);
 }
 
+#define WINO_OUTPUT_T template <typename R, typename D>
 #define WINO_OUTPUT_ARGS                                                                    \
   const float *m, const float *bias, const R *residual, D *dst, int64_t t0, int64_t tc,     \
       int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t o, bool relu, \
@@ -590,23 +592,9 @@ __attribute__((always_inline)) inline void WinoOutputAny(
 #define WINO_OUTPUT_PASS mt, m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu, lo, hi
 #define WINO_OUTPUT_CALL m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu, mt, lo, hi
 
-template <typename R, typename D>
-AVX512_ISA void WinoOutputAvx512(WINO_OUTPUT_ARGS) { WinoOutputAny<16>(WINO_OUTPUT_PASS); }
-template <typename R, typename D>
-AVX2_ISA void WinoOutputAvx2(WINO_OUTPUT_ARGS) { WinoOutputAny<8>(WINO_OUTPUT_PASS); }
-template <typename R, typename D>
-BASE_ISA void WinoOutputBase(WINO_OUTPUT_ARGS) { WinoOutputAny<8>(WINO_OUTPUT_PASS); }
-
-// products m of tiles t0 + [lo, hi) into dst (float, or bfloat16 bits), + bias (+ residual,
-// float or bfloat16 bits), ReLU, with this CPU's widest vectors
-template <typename R, typename D>
-void WinoOutput(WINO_OUTPUT_ARGS) {
-  switch (VectorIsa()) {
-    case Isa::kAvx512: return WinoOutputAvx512(WINO_OUTPUT_CALL);
-    case Isa::kAvx2: return WinoOutputAvx2(WINO_OUTPUT_CALL);
-    default: return WinoOutputBase(WINO_OUTPUT_CALL);
-  }
-}
+// WinoOutput: products m of tiles t0 + [lo, hi) into dst (float, or bfloat16 bits), + bias
+// (+ residual, float or bfloat16 bits), ReLU
+PER_ISA(WinoOutput, WINO_OUTPUT_T, WINO_OUTPUT_ARGS, WINO_OUTPUT_PASS, WINO_OUTPUT_CALL)
 
 // y = G . x over three taps of a 3x3 kernel (double: the m = 4 constants are not exact in float)
 void FilterRow(int m, const double (&x)[3], double* y) {
