@@ -409,7 +409,7 @@ __attribute__((always_inline)) inline void OutputRow(const T (&x)[M + 2], T (&y)
 
 // The fixed-trip loops of the transforms are unrolled by pragma: at -O2 GCC kept some as
 // loops and copied each tile's source vectors through the stack before using them. Unrolled,
-// SSD300's layers at bs 8 took 0.86-0.98 of the time (fp32 F(4x4)) and 0.75-0.87 (bf16 F(2x2)).
+// SSD300's layers at bs 8 took 0.84-0.99 of the time (fp32 F(4x4)) and 0.76-0.87 (bf16 F(2x2)).
 
 // channels [k, k + lanes) of one tile: v[a * (M + 2) + b] = (B^T . d . B)[a][b], stored as S
 // (float, or bfloat16 bits)
