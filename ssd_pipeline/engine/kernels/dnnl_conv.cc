@@ -501,9 +501,9 @@ __attribute__((always_inline)) inline void WinoInputTiles(
 // Input tiles [lo, hi) of one chunk, W channels a vector (16, or 8)
 template <int W, typename Src, typename S>
 __attribute__((always_inline)) inline void WinoInputAny(
-    int m, const Src* src, S* v, const Src* zeros, int64_t t0, int64_t tc, int64_t tiles,
-    int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl,
-    int64_t lo, int64_t hi) {
+    const Src* src, S* v, const Src* zeros, int64_t t0, int64_t tc, int64_t tiles, int64_t th,
+    int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl, int m, int64_t lo,
+    int64_t hi) {
   if (m == 4)
     WinoInputTiles<4, W>(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, lo, hi);
   else
@@ -515,26 +515,25 @@ __attribute__((always_inline)) inline void WinoInputAny(
   const Src *src, S *v, const Src *zeros, int64_t t0, int64_t tc, int64_t tiles, int64_t th, \
       int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl, int m, int64_t lo, \
       int64_t hi
-#define WINO_INPUT_PASS m, src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, lo, hi
-#define WINO_INPUT_CALL src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, m, lo, hi
+#define WINO_INPUT_PASS src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, m, lo, hi
 
 // NAME(ARGS): NAME##Any<W>(PASS) built for each instruction set with its vector width, and the
-// widest this CPU runs called (TEMPLATE, ARGS, PASS, CALL: macros, so their commas pass through)
-#define PER_ISA(NAME, TEMPLATE, ARGS, PASS, CALL)                                    \
+// widest this CPU runs called (TEMPLATE, ARGS, PASS: macros, so their commas pass through)
+#define PER_ISA(NAME, TEMPLATE, ARGS, PASS)                                           \
   TEMPLATE AVX512_ISA void NAME##Avx512(ARGS) { NAME##Any<16>(PASS); }              \
   TEMPLATE AVX2_ISA void NAME##Avx2(ARGS) { NAME##Any<8>(PASS); }                   \
   TEMPLATE BASE_ISA void NAME##Base(ARGS) { NAME##Any<8>(PASS); }                   \
   TEMPLATE void NAME(ARGS) {                                                          \
     switch (VectorIsa()) {                                                            \
-      case Isa::kAvx512: return NAME##Avx512(CALL);                                   \
-      case Isa::kAvx2: return NAME##Avx2(CALL);                                       \
-      default: return NAME##Base(CALL);                                               \
+      case Isa::kAvx512: return NAME##Avx512(PASS);                                   \
+      case Isa::kAvx2: return NAME##Avx2(PASS);                                       \
+      default: return NAME##Base(PASS);                                               \
     }                                                                                 \
   }
 
 // WinoInput: tiles t0 + [lo, hi) of src (float, or bfloat16 bits) into v (float, or bfloat16
 // bits)
-PER_ISA(WinoInput, WINO_INPUT_T, WINO_INPUT_ARGS, WINO_INPUT_PASS, WINO_INPUT_CALL)
+PER_ISA(WinoInput, WINO_INPUT_T, WINO_INPUT_ARGS, WINO_INPUT_PASS)
 
 // m[(M + 2)^2][tc][O] of tiles t0 + [t_lo, t_hi) -> their M x M outputs in dst (NHWC, D: float
 // or bfloat16 bits), + bias (+ residual, of dst's shape), ReLU.
@@ -573,9 +572,9 @@ __attribute__((always_inline)) inline void WinoOutputTiles(
 // Output tiles [lo, hi) of one chunk, W channels a vector (16, or 8)
 template <int W, typename R, typename D>
 __attribute__((always_inline)) inline void WinoOutputAny(
-    int mt, const float* m, const float* bias, const R* residual, D* dst, int64_t t0,
-    int64_t tc, int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t o,
-    bool relu, int64_t lo, int64_t hi) {
+    const float* m, const float* bias, const R* residual, D* dst, int64_t t0, int64_t tc,
+    int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t o, bool relu, int mt,
+    int64_t lo, int64_t hi) {
   if (mt == 4)
     WinoOutputTiles<4, W>(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu, lo,
                           hi);
@@ -589,12 +588,11 @@ __attribute__((always_inline)) inline void WinoOutputAny(
   const float *m, const float *bias, const R *residual, D *dst, int64_t t0, int64_t tc,     \
       int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t o, bool relu, \
       int mt, int64_t lo, int64_t hi
-#define WINO_OUTPUT_PASS mt, m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu, lo, hi
-#define WINO_OUTPUT_CALL m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu, mt, lo, hi
+#define WINO_OUTPUT_PASS m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu, mt, lo, hi
 
 // WinoOutput: products m of tiles t0 + [lo, hi) into dst (float, or bfloat16 bits), + bias
 // (+ residual, float or bfloat16 bits), ReLU
-PER_ISA(WinoOutput, WINO_OUTPUT_T, WINO_OUTPUT_ARGS, WINO_OUTPUT_PASS, WINO_OUTPUT_CALL)
+PER_ISA(WinoOutput, WINO_OUTPUT_T, WINO_OUTPUT_ARGS, WINO_OUTPUT_PASS)
 
 // y = G . x over three taps of a 3x3 kernel (double: the m = 4 constants are not exact in float)
 void FilterRow(int m, const double (&x)[3], double* y) {
