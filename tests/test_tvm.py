@@ -518,6 +518,56 @@ def test_shim_winograd_every_vector_isa(store, compute, shape, residual):
         mod.vector_isa(widest + 1)
 
 
+@pytest.mark.parametrize("compute, act", [(2, "float32"), (4, "float32"), (3, "float32"),
+                                          (3, "bfloat16")])
+@pytest.mark.parametrize("h, w, ceil_mode", [(13, 11, True), (13, 11, False), (16, 12, False)])
+def test_shim_winograd_fused_max_pool_equals_conv_then_pool(store, compute, act, h, w,
+                                                            ceil_mode):
+    """relu 2: the Winograd convolution's ReLU'd outputs 2x2 max-pooled (stride 2) as they are
+    written, equal bit for bit to the same convolution followed by max_pool2d_nhwc, at every
+    vector width this CPU runs (odd sizes: ceil_mode's last window holds one row or column;
+    floor mode drops it); a fused pool outside that form is refused."""
+    import ml_dtypes
+    import numpy as np
+    import tvm
+
+    from ssd_pipeline.core.host import cpu_flags
+    from ssd_pipeline.engine.kernels import build_shim, load_shim
+
+    if compute == 3 and "avx512_bf16" not in cpu_flags():
+        pytest.skip("bfloat16 convolutions need avx512_bf16 (this CPU has none)")
+    mod = load_shim(str(build_shim(store)))
+    rng = np.random.default_rng(h * w + compute)
+    n, c, o = 2, 24, 40  # channels no multiple of 8: every width's remainder path
+    dtype = ml_dtypes.bfloat16 if act == "bfloat16" else np.float32
+    x = rng.standard_normal((n, h, w, c), dtype=np.float32).astype(dtype)
+    weight = rng.standard_normal((o, 3, 3, c), dtype=np.float32) * (0.3 / c ** 0.5)
+    bias = rng.standard_normal(o, dtype=np.float32) * 0.1  # some outputs below 0: the ReLU
+    pooled = (-(-h // 2), -(-w // 2)) if ceil_mode else (h // 2, w // 2)
+    args = [tvm.runtime.tensor(a) for a in (x, weight, bias)]
+    widest = mod.vector_isa(-1)
+    try:
+        for level in range(widest + 1):
+            mod.vector_isa(level)
+            full = tvm.runtime.tensor(np.zeros((n, h, w, o), dtype))
+            mod.conv2d_nhwc(*args, 1, 1, 1, 1, 1, 1, 1, 1, 1, compute, full)
+            want = tvm.runtime.tensor(np.zeros((n, *pooled, o), dtype))
+            mod.max_pool2d_nhwc(full, 2, 2, 2, 2, 0, 0, 0, 0, want)
+            got = tvm.runtime.tensor(np.full((n, *pooled, o), 7, dtype))
+            mod.conv2d_nhwc(*args, 1, 1, 1, 1, 1, 1, 1, 1, 2, compute, got)
+            np.testing.assert_array_equal(got.numpy(), want.numpy(),
+                                          err_msg=f"vector_isa {level}")
+    finally:
+        mod.vector_isa(-1)
+    wrong = tvm.runtime.tensor(np.zeros((n, h, w, o), dtype))  # not a pooled size
+    with pytest.raises(Exception, match="2x2 stride-2 pool"):
+        mod.conv2d_nhwc(*args, 1, 1, 1, 1, 1, 1, 1, 1, 2, compute, wrong)
+    if act == "float32":  # direct convolutions take no fused pool
+        with pytest.raises(Exception, match="needs a Winograd compute"):
+            mod.conv2d_nhwc(*args, 1, 1, 1, 1, 1, 1, 1, 1, 2, 0,
+                            tvm.runtime.tensor(np.zeros((n, *pooled, o), dtype)))
+
+
 @pytest.mark.parametrize("stride, dilation, kh, compute, message", [
     (2, 1, 3, 2, "stride 1 and dilation 1 only"),
     (1, 2, 3, 2, "stride 1 and dilation 1 only"),

@@ -470,6 +470,53 @@ __attribute__((always_inline)) inline void OutputTile(const float* m, int64_t st
   }
 }
 
+// OutputTile with a ReLU and then a 2x2 max pool of stride 2 (a pooled layer's convolution
+// writes only the pooled map: SSD300's three largest pools read back 4x what they write). M is
+// even, so a pool window never straddles two tiles: y[p][q] is the tile's pooled output (p, q).
+// A window's outputs past the convolution's edge (`in`) are left out, as ceil_mode pools do;
+// pooled outputs past dst's edge (`keep`) are not stored. Equal to the pool of OutputTile's
+// outputs bit for bit: max is exact, and rounding to bfloat16 is monotone.
+template <typename T, int M, typename D>
+__attribute__((always_inline)) inline void OutputTilePool(const float* m, int64_t stride,
+                                                          const float* bias, T lo,
+                                                          D* const (&y)[M / 2][M / 2],
+                                                          const bool (&in)[M][M],
+                                                          const bool (&keep)[M / 2][M / 2],
+                                                          int64_t k) {
+  constexpr int A = M + 2, P = M / 2;
+  T s[M][A];
+  #pragma GCC unroll 8
+  for (int j = 0; j < A; ++j) {  // A^T . m
+    T x[A], z[M];
+    #pragma GCC unroll 8
+    for (int i = 0; i < A; ++i) x[i] = Load<T>(m + (i * A + j) * stride + k);
+    OutputRow<M>(x, z);
+    #pragma GCC unroll 8
+    for (int p = 0; p < M; ++p) s[p][j] = z[p];
+  }
+  const T b = Load<T>(bias + k);
+  T pooled[P][P];
+  #pragma GCC unroll 8
+  for (int p = 0; p < M; ++p) {  // (A^T . m) . A, ReLU, max over each window's outputs
+    T z[M];
+    OutputRow<M>(s[p], z);
+    #pragma GCC unroll 8
+    for (int q = 0; q < M; ++q) {
+      T out = z[q] + b;
+      out = out > lo ? out : lo;
+      T& acc = pooled[p / 2][q / 2];
+      // a window's first output is in wherever the window is stored
+      if (p % 2 == 0 && q % 2 == 0) acc = out;
+      else if (in[p][q]) acc = acc > out ? acc : out;
+    }
+  }
+  #pragma GCC unroll 8
+  for (int p = 0; p < P; ++p)
+    #pragma GCC unroll 8
+    for (int q = 0; q < P; ++q)
+      if (keep[p][q]) Store<T>(y[p][q] + k, pooled[p][q]);
+}
+
 // Input tiles t0 + [lo, hi) of src (NHWC, N x H x W x C) into v[(M + 2)^2][tc][C]; tiles past
 // the last (the padded end of the last chunk) read zeros.
 template <int M, int W, typename Src, typename S>
@@ -536,16 +583,42 @@ __attribute__((always_inline)) inline void WinoInputAny(
 PER_ISA(WinoInput, WINO_INPUT_T, WINO_INPUT_ARGS, WINO_INPUT_PASS)
 
 // m[(M + 2)^2][tc][O] of tiles t0 + [t_lo, t_hi) -> their M x M outputs in dst (NHWC, D: float
-// or bfloat16 bits), + bias (+ residual, of dst's shape), ReLU.
-template <int M, int W, typename R, typename D>
+// or bfloat16 bits), + bias (+ residual, of dst's shape), ReLU. With POOL (a ReLU, no residual),
+// their 2x2 max pools of stride 2 instead: dst is ph x pw, the pool of the oh x ow outputs.
+template <int M, int W, bool POOL, typename R, typename D>
 __attribute__((always_inline)) inline void WinoOutputTiles(
     const float* m, const float* bias, const R* residual, D* dst, int64_t t0, int64_t tc,
-    int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t o, bool relu,
-    int64_t t_lo, int64_t t_hi) {
+    int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t ph, int64_t pw,
+    int64_t o, bool relu, int64_t t_lo, int64_t t_hi) {
   const float lo = relu ? 0.f : -INFINITY;
   for (int64_t tl = t_lo; tl < t_hi; ++tl) {
     const int64_t t = t0 + tl;
     const int64_t n = t / (th * tw), ty = t / tw % th, tx = t % tw;
+    if constexpr (POOL) {
+      constexpr int P = M / 2;
+      D* y[P][P];
+      bool in[M][M], keep[P][P];
+      #pragma GCC unroll 8
+      for (int p = 0; p < M; ++p)
+        #pragma GCC unroll 8
+        for (int q = 0; q < M; ++q) in[p][q] = M * ty + p < oh && M * tx + q < ow;
+      #pragma GCC unroll 8
+      for (int p = 0; p < P; ++p)
+        #pragma GCC unroll 8
+        for (int q = 0; q < P; ++q) {
+          const int64_t yy = P * ty + p, xx = P * tx + q;
+          keep[p][q] = yy < ph && xx < pw;
+          y[p][q] = dst + ((n * ph + std::min(yy, ph - 1)) * pw + std::min(xx, pw - 1)) * o;
+        }
+      int64_t k = 0;
+      if constexpr (W == 16)
+        for (; k + 16 <= o; k += 16)
+          OutputTilePool<F16, M>(m + tl * o, tc * o, bias, F16{} + lo, y, in, keep, k);
+      for (; k + 8 <= o; k += 8)
+        OutputTilePool<F8, M>(m + tl * o, tc * o, bias, F8{} + lo, y, in, keep, k);
+      for (; k < o; ++k) OutputTilePool<float, M>(m + tl * o, tc * o, bias, lo, y, in, keep, k);
+      continue;
+    }
     D* y[M][M];
     const R* r[M][M];
     bool keep[M][M];
@@ -570,28 +643,32 @@ __attribute__((always_inline)) inline void WinoOutputTiles(
 }
 
 // Output tiles [lo, hi) of one chunk, W channels a vector (16, or 8)
+// (pool: see WinoOutputTiles)
 template <int W, typename R, typename D>
 __attribute__((always_inline)) inline void WinoOutputAny(
     const float* m, const float* bias, const R* residual, D* dst, int64_t t0, int64_t tc,
-    int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t o, bool relu, int mt,
-    int64_t lo, int64_t hi) {
-  if (mt == 4)
-    WinoOutputTiles<4, W>(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu, lo,
-                          hi);
-  else
-    WinoOutputTiles<2, W>(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu, lo,
-                          hi);
+    int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t ph, int64_t pw,
+    int64_t o, bool relu, bool pool, int mt, int64_t lo, int64_t hi) {
+#define WINO_OUTPUT_TILES(M, POOL)                                                         \
+  WinoOutputTiles<M, W, POOL>(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, ph, pw, \
+                              o, relu, lo, hi)
+  if (mt == 4 && pool) WINO_OUTPUT_TILES(4, true);
+  else if (mt == 4) WINO_OUTPUT_TILES(4, false);
+  else if (pool) WINO_OUTPUT_TILES(2, true);
+  else WINO_OUTPUT_TILES(2, false);
+#undef WINO_OUTPUT_TILES
 }
 
 #define WINO_OUTPUT_T template <typename R, typename D>
 #define WINO_OUTPUT_ARGS                                                                    \
   const float *m, const float *bias, const R *residual, D *dst, int64_t t0, int64_t tc,     \
-      int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t o, bool relu, \
-      int mt, int64_t lo, int64_t hi
-#define WINO_OUTPUT_PASS m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, o, relu, mt, lo, hi
+      int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t ph, int64_t pw, \
+      int64_t o, bool relu, bool pool, int mt, int64_t lo, int64_t hi
+#define WINO_OUTPUT_PASS \
+  m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, ph, pw, o, relu, pool, mt, lo, hi
 
 // WinoOutput: products m of tiles t0 + [lo, hi) into dst (float, or bfloat16 bits), + bias
-// (+ residual, float or bfloat16 bits), ReLU
+// (+ residual, float or bfloat16 bits), ReLU (and the 2x2 max pool)
 PER_ISA(WinoOutput, WINO_OUTPUT_T, WINO_OUTPUT_ARGS, WINO_OUTPUT_PASS)
 
 // y = G . x over three taps of a 3x3 kernel (double: the m = 4 constants are not exact in float)
@@ -666,16 +743,26 @@ std::shared_ptr<Wino> MakeWino(const TensorView& weight, int64_t tiles, bool bf1
 }
 
 // The Winograd path of conv2d_nhwc(_add): 3x3 kernels, stride and dilation 1, pads 0 or 1;
-// shapes were checked by RunF32.
+// shapes were checked by RunF32. pool: dst is the 2x2 stride-2 max pool (ceil or floor mode,
+// by dst's size) of the ReLU'd output.
 void RunWinograd(const TensorView& src, const TensorView& weight, const TensorView& bias,
                  const TensorView* residual, int64_t pt, int64_t pl, int64_t pb, int64_t pr,
-                 bool relu, bool bf16, int mt, const TensorView& dst) {
+                 bool relu, bool pool, bool bf16, int mt, const TensorView& dst) {
   const int64_t n = src.size(0), h = src.size(1), w = src.size(2), c = src.size(3);
-  const int64_t o = weight.size(0), oh = dst.size(1), ow = dst.size(2);
+  const int64_t o = weight.size(0), oh = h + pt + pb - 2, ow = w + pl + pr - 2;
+  const int64_t ph = dst.size(1), pw = dst.size(2);
   TVM_FFI_ICHECK(weight.size(1) == 3 && weight.size(2) == 3 && std::max({pt, pl, pb, pr}) <= 1 &&
-                 std::min({pt, pl, pb, pr}) >= 0 && oh == h + pt + pb - 2 &&
-                 ow == w + pl + pr - 2)
+                 std::min({pt, pl, pb, pr}) >= 0)
       << "winograd: 3x3 kernels, stride 1, dilation 1, pads 0 or 1 only";
+  if (pool) {  // braces: the check macro is an if of its own
+    TVM_FFI_ICHECK(relu && residual == nullptr && (ph == oh / 2 || ph == (oh + 1) / 2) &&
+                   (pw == ow / 2 || pw == (ow + 1) / 2))
+        << "winograd + max pool: a ReLU, no residual, and dst the 2x2 stride-2 pool of the "
+        << oh << "x" << ow << " output, got " << ph << "x" << pw;
+  } else {
+    TVM_FFI_ICHECK(ph == oh && pw == ow) << "dst must be " << oh << "x" << ow << ", got " << ph
+                                         << "x" << pw;
+  }
   const int64_t th = (oh + mt - 1) / mt, tw = (ow + mt - 1) / mt, tiles = n * th * tw;
   const int64_t np = (mt + 2) * (mt + 2);
   Key key;
@@ -730,16 +817,16 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
     ParallelRange(std::min(tc, tiles - t0), [&](int64_t lo, int64_t hi) {
       if (res_b != nullptr && IsBf16(dst))
         WinoOutput(mf, b, res_b, static_cast<uint16_t*>(dst.data_ptr()), t0, tc, tiles, th, tw,
-                   oh, ow, o, relu, mt, lo, hi);
+                   oh, ow, ph, pw, o, relu, pool, mt, lo, hi);
       else if (res_b != nullptr)
         WinoOutput(mf, b, res_b, static_cast<float*>(dst.data_ptr()), t0, tc, tiles, th, tw,
-                   oh, ow, o, relu, mt, lo, hi);
+                   oh, ow, ph, pw, o, relu, pool, mt, lo, hi);
       else if (IsBf16(dst))
         WinoOutput(mf, b, res, static_cast<uint16_t*>(dst.data_ptr()), t0, tc, tiles, th, tw,
-                   oh, ow, o, relu, mt, lo, hi);
+                   oh, ow, ph, pw, o, relu, pool, mt, lo, hi);
       else
         WinoOutput(mf, b, res, static_cast<float*>(dst.data_ptr()), t0, tc, tiles, th, tw, oh,
-                   ow, o, relu, mt, lo, hi);
+                   ow, ph, pw, o, relu, pool, mt, lo, hi);
     });
   }
 }
@@ -748,7 +835,9 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
 //             dilations, relu, compute, dst NHWC); compute: 0 float32, 1 bfloat16, 2 float32
 //             Winograd F(2x2, 3x3) (3x3, stride 1, dilation 1, pads 0 or 1), 3 the same with
 //             bfloat16 products, 4 float32 Winograd F(4x4, 3x3) (its transforms' constants,
-//             up to 8 and 5, make bfloat16 products ~6e-2 off: not offered)
+//             up to 8 and 5, make bfloat16 products ~6e-2 off: not offered); relu: 0 none,
+//             1 ReLU, 2 (Winograd, no residual) ReLU and then a 2x2 stride-2 max pool, dst
+//             the pooled map (ceil or floor mode, by its size)
 // conv2d_nhwc_add: the same with a residual of dst's shape added before the ReLU (a residual
 // block's conv -> add -> relu in one pass over dst), the argument before dst: float32, or
 // bfloat16 with bfloat16 compute (1, 3)
@@ -771,10 +860,13 @@ void RunF32(TensorView src, TensorView weight, TensorView bias, const TensorView
   TVM_FFI_ICHECK(compute >= 0 && compute <= 4) << "compute must be 0 (float32), 1 (bfloat16), "
       "2 (float32 Winograd F(2x2, 3x3)), 3 (the same with bfloat16 products) or 4 (float32 "
       "Winograd F(4x4, 3x3)), got " << compute;
+  TVM_FFI_ICHECK(relu >= 0 && relu <= 2) << "relu must be 0 (none), 1 (ReLU) or 2 (ReLU, then "
+      "a 2x2 stride-2 max pool), got " << relu;
+  TVM_FFI_ICHECK(relu < 2 || compute >= 2) << "relu 2 (a fused max pool) needs a Winograd compute";
   if (compute >= 2) {
     TVM_FFI_ICHECK(sh == 1 && sw == 1 && dh == 1 && dw == 1)
         << "winograd: stride 1 and dilation 1 only";
-    RunWinograd(src, weight, bias, residual, pt, pl, pb, pr, relu != 0, compute == 3,
+    RunWinograd(src, weight, bias, residual, pt, pl, pb, pr, relu != 0, relu == 2, compute == 3,
                 compute == 4 ? 4 : 2, dst);
     return;
   }
