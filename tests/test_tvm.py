@@ -86,7 +86,8 @@ def test_heads_of_one_level_are_one_convolution(model_name, bundles, sample_batc
 
 def test_every_convolution_is_offloaded(model_name, bundles):
     """Every Conv of the ONNX model and every max pool is a oneDNN call (a level's two heads
-    one call); so are the larger layout permutes in front of the outputs."""
+    one call; a pool may be written by the Winograd convolution it reads); so are the larger
+    layout permutes in front of the outputs."""
     import onnx
 
     from ssd_pipeline.engine.kernels import (
@@ -106,7 +107,9 @@ def test_every_convolution_is_offloaded(model_name, bundles):
                      for how in ("", ":winograd"))
     merged = sum(len(g) - 1 for g in head_groups(graph))
     assert shim_convs == convs - merged, (ops, convs, merged)
-    assert ops.get(MAX_POOL2D_NHWC) == pools > 0, (ops, pools)
+    # a pool that alone reads a Winograd convolution's ReLU is written by that call
+    fused = ops.get(f"{MAX_POOL2D_NHWC}:fused", 0)
+    assert ops.get(MAX_POOL2D_NHWC, 0) + fused == pools > 0, (ops, pools)
     # L2Norm is one shim call and the heads come back channels-last: the one permute left
     # is the input's NCHW -> NHWC
     assert ops.get(L2NORM_NHWC) == 1 and ops.get("relax.permute_dims") == 1, ops
@@ -198,6 +201,7 @@ def test_bf16_engine_keeps_activations_in_bf16(model_name, bundles):
     import onnx
 
     from ssd_pipeline.core.host import cpu_flags
+    from ssd_pipeline.engine.kernels import MAX_POOL2D_NHWC
 
     if "avx512_bf16" not in cpu_flags():
         pytest.skip("bf16 engines need avx512_bf16 (this CPU has none)")
@@ -210,6 +214,8 @@ def test_bf16_engine_keeps_activations_in_bf16(model_name, bundles):
                                           and n.input[0] in conv_outputs | block_outputs)
                for n in model.graph.node)
     record = b.runner("tvm", "bf16").engine.record
+    # a pool fused into its convolution: one bfloat16 tensor for the ReLU and the pool
+    want -= record["relax_ops"].get(f"{MAX_POOL2D_NHWC}:fused", 0)
     assert record["bf16_activations"] == want > 10, (record["bf16_activations"], want)
     assert not {"relax.astype", "relax.add", "relax.nn.relu"} & set(record["relax_ops"]), \
         record["relax_ops"]
@@ -566,6 +572,76 @@ def test_shim_winograd_fused_max_pool_equals_conv_then_pool(store, compute, act,
         with pytest.raises(Exception, match="needs a Winograd compute"):
             mod.conv2d_nhwc(*args, 1, 1, 1, 1, 1, 1, 1, 1, 2, 0,
                             tvm.runtime.tensor(np.zeros((n, *pooled, o), dtype)))
+
+
+@pytest.mark.parametrize("prec", ["fp32", "bf16"])
+def test_engine_fuses_a_pool_only_where_it_alone_reads_the_relu(store, tmp_path, prec):
+    """A 2x2 stride-2 max pool that alone reads a Winograd convolution's ReLU becomes part of
+    that call (``max_pool2d_nhwc:fused``); one whose ReLU has another reader stays a pool of
+    its own (SSD300's conv4_3 feeds L2Norm too), and so does a 3x3 pool. Outputs against ONNX
+    Runtime on the same graph."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ssd_pipeline.core.host import cpu_flags
+    from ssd_pipeline.engine.compile import EngineSpec, build_engine, load_engine
+    from ssd_pipeline.engine.kernels import MAX_POOL2D_NHWC, build_shim
+
+    if prec == "bf16" and "avx512_bf16" not in cpu_flags():
+        pytest.skip("bf16 engines need avx512_bf16 (this CPU has none)")
+    rng = np.random.default_rng(5)
+    c = 128  # at or above every Winograd cut (bf16's F(2x2) one is 128 channels)
+    inits, nodes = [], []
+
+    def conv(name, src, cin, relu=True):
+        inits.extend([numpy_helper.from_array(
+            (rng.standard_normal((c, cin, 3, 3)) * (1.5 / (9 * cin) ** 0.5)).astype(np.float32),
+            f"{name}_w"), numpy_helper.from_array(
+            (rng.standard_normal(c) * 0.1).astype(np.float32), f"{name}_b")])
+        nodes.append(helper.make_node("Conv", [src, f"{name}_w", f"{name}_b"],
+                                      [f"{name}_c" if relu else name], pads=[1, 1, 1, 1]))
+        if relu:
+            nodes.append(helper.make_node("Relu", [f"{name}_c"], [name]))
+        return name
+
+    def pool(name, src, k, s, ceil):
+        nodes.append(helper.make_node("MaxPool", [src], [name], kernel_shape=[k, k],
+                                      strides=[s, s], pads=[k // 2 * (s == 1)] * 4,
+                                      ceil_mode=ceil))
+        return name
+
+    a = pool("p1", conv("a2", conv("a1", "input", 3), c), 2, 2, 1)  # fused: 300 -> 150
+    b = conv("b1", a, c)
+    p2 = pool("p2", b, 2, 2, 1)  # not fused: b1's ReLU also feeds an output (150 -> 75)
+    p3 = pool("p3", conv("b2", p2, c), 3, 1, 0)  # a 3x3 pool: not fused
+    p4 = pool("p4", conv("b3", p3, c), 2, 2, 1)  # fused, ceil_mode on an odd side: 75 -> 38
+    outs = {conv("out_a", b, c, relu=False): 150, conv("out_b", p4, c, relu=False): 38}
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 300, 300])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["N", c, hw, hw])
+         for o, hw in outs.items()], inits)
+    path = tmp_path / "pools.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+
+    spec = EngineSpec(precision=prec)
+    shim = build_shim(store)
+    record = build_engine(path, spec, tmp_path, shim)
+    assert record["relax_ops"].get(f"{MAX_POOL2D_NHWC}:fused") == 2, record["relax_ops"]
+    assert record["relax_ops"].get(MAX_POOL2D_NHWC) == 2, record["relax_ops"]
+    engine = load_engine(tmp_path, spec, shim)
+    x = rng.standard_normal((2, 3, 300, 300)).astype(np.float32)
+    import tvm
+
+    got = [o.numpy() for o in engine.vm["main"](tvm.runtime.tensor(x))]
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})
+    tol = 1e-3 if prec == "fp32" else 5e-2  # bf16: 8 mantissa bits per operand
+    for name, g, r in zip(outs, got, ref, strict=True):
+        g = g.transpose(0, 3, 1, 2) if g.shape != r.shape else g  # the heads' NHWC
+        err = float(np.abs(g - r).max() / np.abs(r).max())
+        assert err < tol, f"{name}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("stride, dilation, kh, compute, message", [

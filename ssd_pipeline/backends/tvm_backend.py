@@ -29,12 +29,15 @@ def conv_label(weight_ohwi: tuple[int, ...], ints: list[int]) -> str:
     """``oneDNN conv 3x3 s1 d6 512->1024 +relu`` from the shim call's weight shape and its
     integer arguments; ``Winograd F(2x2) conv ...`` for the shim's Winograd path (its products on
     oneDNN's matmul)."""
+    from ..engine.compile import RELU_POOL
+
     co, kh, kw, ci = weight_ohwi
     stride, dilation, relu = ints[0], ints[6], ints[8]
     tile = winograd_tile_of(ints)
     how = f"Winograd F({tile}x{tile})" if tile else "oneDNN"
     return (f"{how} conv {kh}x{kw} s{stride}" + (f" d{dilation}" if dilation > 1 else "")
-            + f" {ci}->{co}" + (" +relu" if relu else ""))
+            + f" {ci}->{co}" + (" +relu" if relu else "")
+            + (" +maxpool 2x2 s2" if relu == RELU_POOL else ""))
 
 
 class TvmRunner(Runner):
@@ -105,7 +108,7 @@ class TvmRunner(Runner):
         import statistics
         import time
 
-        from ..engine.compile import winograd_gop
+        from ..engine.compile import winograd_gop, winograd_out_hw
         from ..engine.kernels import (
             CONV2D_NHWC,
             CONV2D_NHWC_ADD,
@@ -157,8 +160,9 @@ class TvmRunner(Runner):
                 name = name.replace(" +relu", "") + " +add+relu"
             executed = None
             if conv and (tile := winograd_tile_of(ints)):
-                n, oh, ow, co = shapes[-1]
-                executed = n * winograd_gop(oh, ow, shapes[1][3], co, tile)
+                n, h, w, _ = shapes[0]  # the output may be a fused pool's
+                executed = n * winograd_gop(*winograd_out_hw(h, w, ints), shapes[1][3],
+                                            shapes[1][0], tile)
             out.append(OpTime(i, name, "conv" if conv else symbol.rstrip("0123456789_"),
                               ms, tuple(shapes[:-1]), shapes[-1] if shapes else None,
                               shapes[1] if conv else None, executed))
