@@ -436,6 +436,23 @@ __attribute__((always_inline)) inline void InputTile(const Src* const (&d)[M + 2
   }
 }
 
+// s = A^T . m over channels [k, k + lanes) of one tile's products (the first half of the
+// output transform)
+template <typename T, int M>
+__attribute__((always_inline)) inline void OutputColumns(const float* m, int64_t stride,
+                                                         int64_t k, T (&s)[M][M + 2]) {
+  constexpr int A = M + 2;
+  #pragma GCC unroll 8
+  for (int j = 0; j < A; ++j) {
+    T x[A], z[M];
+    #pragma GCC unroll 8
+    for (int i = 0; i < A; ++i) x[i] = Load<T>(m + (i * A + j) * stride + k);
+    OutputRow<M>(x, z);
+    #pragma GCC unroll 8
+    for (int p = 0; p < M; ++p) s[p][j] = z[p];
+  }
+}
+
 // channels [k, k + lanes) of one tile's products m -> its M x M outputs (A^T . m . A), + bias
 // (+ residual R: float or bfloat16 bits), at least `lo` (0 for a ReLU); outputs past dst's
 // edge are not stored
@@ -447,15 +464,7 @@ __attribute__((always_inline)) inline void OutputTile(const float* m, int64_t st
                                                       const bool (&keep)[M][M], int64_t k) {
   constexpr int A = M + 2;
   T s[M][A];
-  #pragma GCC unroll 8
-  for (int j = 0; j < A; ++j) {  // A^T . m
-    T x[A], z[M];
-    #pragma GCC unroll 8
-    for (int i = 0; i < A; ++i) x[i] = Load<T>(m + (i * A + j) * stride + k);
-    OutputRow<M>(x, z);
-    #pragma GCC unroll 8
-    for (int p = 0; p < M; ++p) s[p][j] = z[p];
-  }
+  OutputColumns<T, M>(m, stride, k, s);  // A^T . m
   const T b = Load<T>(bias + k);
   #pragma GCC unroll 8
   for (int p = 0; p < M; ++p) {  // (A^T . m) . A
@@ -485,15 +494,7 @@ __attribute__((always_inline)) inline void OutputTilePool(const float* m, int64_
                                                           int64_t k) {
   constexpr int A = M + 2, P = M / 2;
   T s[M][A];
-  #pragma GCC unroll 8
-  for (int j = 0; j < A; ++j) {  // A^T . m
-    T x[A], z[M];
-    #pragma GCC unroll 8
-    for (int i = 0; i < A; ++i) x[i] = Load<T>(m + (i * A + j) * stride + k);
-    OutputRow<M>(x, z);
-    #pragma GCC unroll 8
-    for (int p = 0; p < M; ++p) s[p][j] = z[p];
-  }
+  OutputColumns<T, M>(m, stride, k, s);  // A^T . m
   const T b = Load<T>(bias + k);
   T pooled[P][P];
   #pragma GCC unroll 8
