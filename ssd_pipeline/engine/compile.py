@@ -417,20 +417,15 @@ def offload_convolutions(mod: Any, bf16: bool, winograd: bool = False) -> Any:
 
 
 def _var_uses(fn: Any) -> dict[Any, int]:
-    """How many times each variable of ``fn`` is read (as a call's argument or a tuple field)."""
+    """How many bindings of ``fn``'s dataflow blocks read each variable (TVM's use-def
+    chains)."""
     from tvm import relax
 
-    uses: dict[Any, int] = {}
-
-    def visit(e: Any) -> None:
-        fields = e.args if isinstance(e, relax.Call) else (
-            e.fields if isinstance(e, relax.Tuple) else [])
-        for f in fields:
-            if isinstance(f, relax.Var):
-                uses[f] = uses.get(f, 0) + 1
-
-    relax.analysis.post_order_visit(fn, visit)
-    return uses
+    users: dict[Any, Any] = {}
+    for block in fn.body.blocks:
+        if isinstance(block, relax.DataflowBlock):
+            users.update(relax.analysis.udchain(block))
+    return {var: len(readers) for var, readers in users.items()}
 
 
 def offload_glue(mod: Any) -> Any:
