@@ -104,6 +104,7 @@ COMPUTE_F32, COMPUTE_BF16, COMPUTE_WINOGRAD, COMPUTE_WINOGRAD_BF16, COMPUTE_WINO
 WINOGRAD_TILE = {COMPUTE_WINOGRAD: 2, COMPUTE_WINOGRAD_BF16: 2, COMPUTE_WINOGRAD_F4: 4}
 WINOGRAD_COMPUTES = tuple(WINOGRAD_TILE)
 COMPUTE_ARG = 12  # its place: after src, weight, bias and 9 ints (strides, pads, dilations, relu)
+RELU_ARG = COMPUTE_ARG - 1  # the relu int's place, just before compute
 # the shim's `relu` argument that asks for a ReLU and then a 2x2 stride-2 max pool, written
 # as the Winograd output transform makes each tile (the pooled map only). SSD300 fp32 at bs 8,
 # the shim called directly, fused / conv then pool: 300x300 64->64 0.84-0.85, 150x150
@@ -662,7 +663,7 @@ def count_ops(mod: Any) -> dict[str, int]:
                 name = getattr(e.args[0], "global_symbol", name)
                 if _is_winograd(e):
                     name += ":winograd"
-                    if int(e.args[1].fields[COMPUTE_ARG - 1].value) == RELU_POOL:
+                    if int(e.args[1].fields[RELU_ARG].value) == RELU_POOL:
                         pooled = f"{MAX_POOL2D_NHWC}:fused"
                         counts[pooled] = counts.get(pooled, 0) + 1
             counts[name] = counts.get(name, 0) + 1
