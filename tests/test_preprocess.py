@@ -71,3 +71,23 @@ def test_batches_pad_the_last_batch(sample_set, preprocess_settings):
     assert [b.n_valid for b in out] == [3, 1]
     assert all(b.array.shape == (3, 3, 300, 300) for b in out)
     assert [m.img_id for b in out for m in b.metas] == sample_set.img_ids
+
+
+@pytest.mark.parametrize("settings", [
+    {}, {"std": (58.395, 57.12, 57.375)}, {"bgr_to_rgb": False, "mean": (0.5, 0.0, 255.0)},
+], ids=["ssd300", "with_std", "bgr"])
+def test_preprocess_equals_the_whole_image_formula_bit_for_bit(settings):
+    """The per-channel fast path computes exactly (x[..., ::-1].astype(float32) - mean) / std
+    transposed to CHW, for any mean, std and channel order."""
+    import cv2
+
+    from ssd_pipeline.data import PreprocessSettings, preprocess
+
+    s = PreprocessSettings(**settings)
+    img = np.random.default_rng(1).integers(0, 256, (231, 317, 3), dtype=np.uint8)
+    ours, _ = preprocess(img, s)
+    x = cv2.resize(img, (s.input_size, s.input_size), interpolation=cv2.INTER_LINEAR)
+    x = x[..., ::-1] if s.bgr_to_rgb else x
+    x = (x.astype(np.float32) - np.asarray(s.mean, np.float32)) / np.asarray(s.std, np.float32)
+    assert ours.dtype == np.float32 and ours.flags.c_contiguous
+    np.testing.assert_array_equal(ours, x.transpose(2, 0, 1))
