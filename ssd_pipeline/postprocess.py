@@ -125,7 +125,7 @@ def topk_filter(scores: Any, score_thr: float, topk: int, results: Any = None
     if (not isinstance(scores, torch.Tensor) or scores.dim() != 2 or not isinstance(results, dict)
             or not 0 < topk < scores.numel()):
         return filter_scores_and_topk(scores, score_thr, topk, results)
-    vals, flat = scores.reshape(-1).topk(topk + 1)  # sorted, NaN first
+    vals, flat = _top_entries(scores, topk + 1)  # sorted, NaN first
     kept = int((vals[:topk] > score_thr).sum())  # a prefix: vals descend
     top = vals[:kept]
     unique = (kept < topk or vals[topk] < vals[topk - 1]) and bool((top[1:] < top[:-1]).all())
@@ -134,6 +134,35 @@ def topk_filter(scores: Any, score_thr: float, topk: int, results: Any = None
     keep_idxs = torch.div(flat[:kept], scores.shape[1], rounding_mode="floor")
     labels = flat[:kept] - keep_idxs * scores.shape[1]
     return top, labels, keep_idxs, {k: v[keep_idxs] for k, v in results.items()}
+
+
+def _top_entries(scores: Any, k: int) -> tuple[Any, Any]:
+    """``scores.reshape(-1).topk(k)`` of a 2-D ``scores`` (anchors x classes) where its ``k``
+    values are distinct, from far fewer candidates: ``topk`` pairs every score with its index
+    first (SSD300's level 0: 462k scores, 1.44 -> 0.38 ms; level 1 0.88 -> 0.28).
+
+    Each anchor's ``j`` best scores (``j`` x anchors >= ``k``) hold ``k`` scores at least as
+    large as the k-th largest of them, ``bound``; so every one of the ``k`` largest scores is
+    >= ``bound`` and in an anchor whose best is. Only those are ranked. With NaN (which
+    ``topk`` ranks first) the bound does not hold: all scores are ranked, as ``topk`` does."""
+    import torch
+
+    n, c = scores.shape
+    j = -(-k // n)
+    if j >= c:
+        return scores.reshape(-1).topk(k)
+    best = scores.amax(1) if j == 1 else scores.topk(j, dim=1)[0]
+    ranked = best.reshape(-1).topk(k)[0]
+    if bool(torch.isnan(ranked[0])):
+        return scores.reshape(-1).topk(k)
+    bound = ranked[-1]
+    rows = ((best if j == 1 else best[:, 0]) >= bound).nonzero().squeeze(1)
+    sub = scores[rows].reshape(-1)
+    idx = (sub >= bound).nonzero().squeeze(1)
+    vals, pick = sub[idx].topk(k)
+    flat = idx[pick]
+    row = torch.div(flat, c, rounding_mode="floor")
+    return vals, rows[row] * c + (flat - row * c)
 
 
 def _with_topk_filter(head: Any) -> None:

@@ -138,6 +138,33 @@ def test_topk_filter_equals_mmdet(case, shortcut, monkeypatch):
         assert torch.equal(got[3][k], want[3][k]), k
 
 
+@pytest.mark.parametrize("shape,k", [((5000, 80), 1001), ((600, 80), 1001), ((40, 30), 1001),
+                                     ((3000, 21), 101), ((7, 5), 35)])
+@pytest.mark.parametrize("data", ["distinct", "few rows", "one per anchor", "ties", "NaN"])
+def test_top_entries_equal_topk(shape, k, data):
+    """The values ``topk`` returns, always (the uniqueness check reads them); its indices too
+    where the values are distinct: anchors with one best score (``j`` 1), several (``j`` 2)
+    and every score ranked; the largest scores crowded into a few anchors, or one in each;
+    ties at the bound; NaN."""
+    rng = np.random.default_rng(7)
+    s = rng.permutation(np.arange(shape[0] * shape[1], dtype=np.float32)).reshape(shape) / 1e4
+    if data == "few rows":  # the largest scores all in three anchors
+        s[[0, shape[0] // 2, shape[0] - 1]] += 100  # above every other score
+    elif data == "one per anchor":  # exactly k scores reach the bound: a higher one misses
+        s[:, 0] += 100
+    elif data == "ties":
+        s = np.round(s * 10) / 10
+    elif data == "NaN":
+        s.flat[5] = np.nan
+    scores = torch.from_numpy(s)
+    want_v, want_i = scores.reshape(-1).topk(k)
+    got_v, got_i = postprocess._top_entries(scores, k)
+    assert torch.equal(got_v, want_v) if data != "NaN" else torch.allclose(
+        got_v, want_v, equal_nan=True)
+    if data in ("distinct", "few rows", "one per anchor"):
+        assert torch.equal(got_i, want_i)
+
+
 def test_topk_filter_passes_what_it_does_not_cover_to_mmdet(monkeypatch):
     """No limit (``nms_pre`` -1), a limit past the scores' count, results as a list: mmdet's
     function runs them."""
