@@ -69,8 +69,8 @@ def timer(benchmark):
         pytest.skip("pytest-benchmark is disabled (under xdist -n or --benchmark-disable): "
                     "run perf tests without -n")
 
-    def run(fn, rounds):
-        benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0, iterations=1)
+    def run(fn, rounds, setup=None):
+        benchmark.pedantic(fn, setup=setup, rounds=rounds, warmup_rounds=0, iterations=1)
         return list(benchmark.stats.stats.data)
 
     return run

@@ -29,13 +29,20 @@ REFERENCE = ("onnxruntime", "fp32")  # what every speed ratio is taken against
 RECORDS_FORMAT = "ssd_pipeline.speed/1"
 PEAK_REMEASURES = 2  # a record above its precision's peak re-measures the ceilings this often
 
-# ``timer(fn, rounds)`` -> seconds per call: pytest-benchmark's in the perf tests, ours
-# elsewhere. Either way the rounds are sized by the same rule.
-Timer = Callable[[Callable[[], Any], int], list[float]]
+# ``timer(fn, rounds, setup)`` -> seconds per call of ``fn``, ``setup`` called untimed before
+# each: pytest-benchmark's in the perf tests (``pedantic``'s setup), ours elsewhere. Either way
+# the rounds are sized by the same rule.
+Timer = Callable[[Callable[[], Any], int, Callable[[], Any] | None], list[float]]
 
 
-def own_timer(fn: Callable[[], Any], rounds: int) -> list[float]:
-    return measure(fn, 0, rounds)
+def own_timer(fn: Callable[[], Any], rounds: int, setup: Callable[[], Any] | None = None
+              ) -> list[float]:
+    out = []
+    for _ in range(rounds):
+        if setup is not None:
+            setup()
+        out += measure(fn, 0, 1)
+    return out
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,7 @@ class SpeedRecord:
     onnxruntime_images_per_s: float | None = None
     onnxruntime_images_per_s_median: float | None = None
     ratio_vs_onnxruntime: float | None = None
-    # end-to-end only: engine-only img/s measured around it (see SpeedLog.end_to_end)
+    # end-to-end only: engine-only img/s measured between its rounds (see SpeedLog.end_to_end)
     engine_only_images_per_s: float | None = None
     engine_only_images_per_s_median: float | None = None
     engine_only_rounds: int | None = None
@@ -132,8 +139,9 @@ class SpeedLog:
         first = measure(fn, s.warmup, 1)[0]
         return rounds_for(first, s.seconds, s.min_rounds, s.max_rounds)
 
-    def _sample(self, fn: Callable[[], Any], timer: Timer | None) -> list[float]:
-        return (timer or own_timer)(fn, self._rounds(fn))
+    def _sample(self, fn: Callable[[], Any], timer: Timer | None,
+                setup: Callable[[], Any] | None = None) -> list[float]:
+        return (timer or own_timer)(fn, self._rounds(fn), setup)
 
     def _record(self, mode: str, runner: Runner, stats: dict[str, Any],
                 **extra: Any) -> SpeedRecord:
@@ -208,11 +216,14 @@ class SpeedLog:
         """``images`` (at least two batches: decoding one overlaps the engine on the other)
         through the whole data path; latencies per batch, comparable with engine-only.
 
-        The engine-only time it is divided by is measured around it (half the rounds just
-        before, half just after, on the engine-only input), not taken from the engine-only
-        record: that one may be minutes old, and on a shared machine the drift between the
-        two moments can exceed the data path's cost (SSD300 TVM fp32 at batch 8: the data
-        path costs ~11% in a quiet process, yet one run read 0.82 against an old record)."""
+        The engine-only time it is divided by is measured in between: as many engine-only
+        calls as a round has batches (untimed by ``timer``) before each end-to-end round and
+        after the last. Not the engine-only record: that one may be minutes old, and on a
+        shared machine the drift between two moments can exceed the data path's cost (SSD300
+        TVM fp32 at batch 8: the data path costs ~11% in a quiet process, yet one run read
+        0.82 against an old record). Interleaved, a slow stretch of the host that covers some
+        rounds slows both sides alike; timed in two halves around the end-to-end rounds, as
+        before, a stretch that covered those rounds only was charged to the data path."""
         runner = self.runner_for(backend, precision)
         n = len(images)
 
@@ -222,15 +233,13 @@ class SpeedLog:
                 raise AssertionError(f"got detections for {len(dets)} images, expected {n}")
 
         x = self.input_for(batch)
+        engine: list[float] = []
 
         def engine_call() -> None:
-            runner.run(x)
+            engine.extend(measure(lambda: runner.run(x), 0, -(-n // batch)))
 
-        # one engine-only measurement, split in two halves around the end-to-end one
-        half = -(-self._rounds(engine_call) // 2)
-        engine = measure(engine_call, 0, half)
-        samples = [t * batch / n for t in self._sample(job, timer)]
-        engine += measure(engine_call, 0, half)
+        samples = [t * batch / n for t in self._sample(job, timer, engine_call)]
+        engine_call()
         engine_median = batch / float(np.median(engine))
         stats = summarize(samples, batch)
         return self._record("end-to-end", runner, stats,
