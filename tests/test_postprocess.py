@@ -35,29 +35,39 @@ def random_set(rng: np.random.Generator, n: int, classes: int, *, tied_scores: b
             torch.from_numpy(labels))
 
 
+@pytest.fixture(scope="module", params=["mmcv kernel", "our kernel"])
+def nms_type(request, store):
+    """``grouped_nms`` with its groups in mmcv's kernel, and in ours."""
+    import functools
+
+    if request.param == "mmcv kernel":
+        return grouped_nms
+    return functools.partial(grouped_nms, nms_library=postprocess.build_nms_library(store))
+
+
 def assert_same_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
-                    iou: float) -> None:
+                    iou: float, nms_type=grouped_nms) -> None:
     from mmcv.ops import batched_nms
 
     cfg = {"type": "nms", "iou_threshold": iou}
     dets_ref, keep_ref = batched_nms(boxes, scores, labels, cfg)
-    dets, keep = batched_nms(boxes, scores, labels, {**cfg, "type": grouped_nms})
+    dets, keep = batched_nms(boxes, scores, labels, {**cfg, "type": nms_type})
     assert torch.equal(keep, keep_ref), f"kept {len(keep)} boxes, mmcv kept {len(keep_ref)}"
     assert torch.equal(dets, dets_ref)
 
 
 @pytest.mark.parametrize("iou", [0.0, 0.45, 0.7, 1.0])
 @pytest.mark.parametrize("classes", [1, 3, 80])
-def test_grouped_nms_equals_mmcv(iou, classes):
+def test_grouped_nms_equals_mmcv(iou, classes, nms_type):
     rng = np.random.default_rng(int(iou * 100) + classes)
     for trial in range(24):
         n = int(rng.integers(2, 2500))
         assert_same_nms(*random_set(rng, n, classes, tied_scores=trial % 2 == 0,
                                     integer_boxes=trial % 3 == 0, degenerate=trial % 4 == 0),
-                        iou)
+                        iou, nms_type)
 
 
-def test_grouped_nms_splits_classes_and_passes_the_rest_to_mmcv():
+def test_grouped_nms_splits_classes_and_passes_the_rest_to_mmcv(nms_type):
     """Boxes far apart split into groups (the case it is for); the inputs it does not cover
     are mmcv's nms call unchanged."""
     from mmcv.ops import nms
@@ -66,7 +76,7 @@ def test_grouped_nms_splits_classes_and_passes_the_rest_to_mmcv():
     boxes, scores, _ = random_set(rng, 600, 1, tied_scores=True, integer_boxes=False,
                                   degenerate=False)
     boxes[300:, 0::2] += 1000  # two groups along x
-    assert_same_nms(boxes, scores, torch.zeros(600, dtype=torch.int64), 0.45)
+    assert_same_nms(boxes, scores, torch.zeros(600, dtype=torch.int64), 0.45, nms_type)
     nan_boxes = boxes.clone()
     nan_boxes[7, 2] = float("nan")
     for args, kwargs in (((nan_boxes, scores, 0.45), {}), ((boxes, scores, 0.45), {"offset": 1}),
@@ -74,7 +84,7 @@ def test_grouped_nms_splits_classes_and_passes_the_rest_to_mmcv():
                          ((boxes, scores, 0.45), {"max_num": 10}),
                          ((boxes.numpy(), scores.numpy(), 0.45), {}),
                          ((boxes[:1], scores[:1], 0.45), {})):
-        ours, ref = grouped_nms(*args, **kwargs), nms(*args, **kwargs)
+        ours, ref = nms_type(*args, **kwargs), nms(*args, **kwargs)
         np.testing.assert_array_equal(np.asarray(ours[1]), np.asarray(ref[1]))
         np.testing.assert_array_equal(np.asarray(ours[0]), np.asarray(ref[0]))
 
@@ -187,15 +197,16 @@ def assert_same_detections(ours: list[Detections], ref: list[Detections]) -> Non
 
 def test_postprocessor_detections_equal_mmdet_and_mmcv(model_name, bundles, sample_batch,
                                                        head_outputs, monkeypatch):
-    """The whole mmdet post-processing with our shortcuts (NMS, per-level top-k) and with
-    mmdet's and mmcv's own code: the same detections, on the model's real outputs and on
+    """The whole mmdet post-processing with our shortcuts (NMS in our kernel, per-level top-k)
+    and with mmdet's and mmcv's own code: the same detections, on the model's real outputs and on
     saturated logits (one class everywhere, thousands of candidates per image: what a
     random-init SSD300 sends, and NMS's worst case). On the real outputs the top-k shortcut
     served levels itself (it is not all handed back to mmdet)."""
     b = bundles(model_name)
     ours = b.postprocessor()
     ref = Postprocessor(b.cfg, ours.cat_ids.tolist(), shortcuts=False)
-    assert ours.head.test_cfg.nms["type"] is grouped_nms
+    nms = ours.head.test_cfg.nms["type"]  # grouped_nms, its groups in our kernel
+    assert nms.func is grouped_nms and nms.keywords["nms_library"].endswith("ssd_nms.so")
     assert ref.head.test_cfg.nms.get("type", "nms") == "nms"
     assert "_predict_by_feat_single" in vars(ours.head)
     assert "_predict_by_feat_single" not in vars(ref.head)

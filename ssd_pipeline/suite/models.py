@@ -182,7 +182,8 @@ class ModelBundle:
         if cat_ids is None and self.entry.embedded:
             cat_ids = sorted(c for c, _ in DEFAULT_CATEGORIES)
         # as many decoding threads as the backends have: the engine is idle meanwhile
-        return Postprocessor(self.cfg, cat_ids, workers=self.threads or default_threads())
+        return Postprocessor(self.cfg, cat_ids, workers=self.threads or default_threads(),
+                             store=self.artifacts.store)
 
 
 def resolve_bundle(model: str, expectations: Expectations, store: ArtifactStore, *,

@@ -15,6 +15,7 @@ from typing import Any
 
 from ...core.cache import ArtifactStore, file_sha256
 from ...core.errors import UserError
+from ...core.native import build_native
 
 SOURCE = Path(__file__).with_name("dnnl_conv.cc")
 PEAK_SOURCE = Path(__file__).with_name("peak.cc")
@@ -50,22 +51,11 @@ def shim_inputs() -> dict[str, Any]:
 def _build(store: ArtifactStore, stage: str, source: Path, lib_name: str) -> Path:
     """``source`` compiled against oneDNN, once per source/oneDNN/tvm-ffi version."""
     prefix = _onednn_prefix()
-
-    def build(tmp: Path) -> None:
-        import shutil
-
-        import tvm_ffi.cpp
-
-        tvm_ffi.cpp.build(
-            lib_name.removesuffix(".so"), cpp_files=[str(source)],
-            extra_include_paths=[str(prefix / "include")], extra_cflags=["-O2", "-fopenmp"],
-            extra_ldflags=[f"-L{prefix / 'lib'}", "-ldnnl", "-fopenmp",
-                           f"-Wl,-rpath,{prefix / 'lib'}"],
-            build_directory=str(tmp / "build"), output=str(tmp / lib_name))
-        shutil.rmtree(tmp / "build", ignore_errors=True)
-
-    inputs = shim_inputs() | {"source_sha256": file_sha256(source)}
-    return store.get_or_build(stage, inputs, build) / lib_name
+    return build_native(
+        store, stage, source, lib_name, cflags=["-O2", "-fopenmp"],
+        include_dirs=[str(prefix / "include")],
+        ldflags=[f"-L{prefix / 'lib'}", "-ldnnl", "-fopenmp", f"-Wl,-rpath,{prefix / 'lib'}"],
+        inputs={"onednn": shim_inputs()["onednn"]})
 
 
 def build_shim(store: ArtifactStore) -> Path:
