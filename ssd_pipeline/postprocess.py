@@ -68,8 +68,8 @@ def grouped_nms(boxes: Any, scores: Any, iou_threshold: float, offset: int = 0,
     other, so the boxes split into groups along x (each class of ``batched_nms``'s shifted
     boxes is at least one), and greedy NMS on each group, in the global score order, keeps
     exactly the boxes that greedy NMS on all of them keeps. The global order is the one
-    mmcv's kernel computes (the same ``sort`` call); each group runs through mmcv's kernel
-    with that order as its scores, so every IoU is mmcv's own arithmetic.
+    mmcv's kernel computes (the same ``sort`` call); each group runs in that order through
+    mmcv's kernel or ours, so every IoU is mmcv's own arithmetic.
     Inputs this argument does not cover (numpy, offset 1, score filtering, ``max_num``, a
     negative threshold, non-finite boxes) go to ``mmcv.ops.nms`` unchanged.
 
@@ -100,8 +100,9 @@ def grouped_nms(boxes: Any, scores: Any, iou_threshold: float, offset: int = 0,
     bounds = np.concatenate(([0], np.cumsum(np.bincount(group)))).tolist()
     if nms_library is not None:
         flags = np.empty(n, np.uint8)
-        _load_nms(nms_library)(np.ascontiguousarray(x[seq]), np.asarray(bounds, np.int64),
-                      float(iou_threshold), flags)
+        nms_groups = _load_nms(nms_library)
+        nms_groups(np.ascontiguousarray(x[seq]), np.asarray(bounds, np.int64),
+                   float(iou_threshold), flags)
         kept = flags.view(bool)
     else:
         boxes_seq = boxes[torch.from_numpy(seq)]
@@ -152,9 +153,10 @@ def topk_filter(scores: Any, score_thr: float, topk: int, results: Any = None
 
 
 def _top_entries(scores: Any, k: int) -> tuple[Any, Any]:
-    """``scores.reshape(-1).topk(k)`` of a 2-D ``scores`` (anchors x classes) where its ``k``
-    values are distinct, from far fewer candidates: ``topk`` pairs every score with its index
-    first (SSD300's level 0: 462k scores, 1.44 -> 0.38 ms; level 1 0.88 -> 0.28).
+    """The values of ``scores.reshape(-1).topk(k)`` for a 2-D ``scores`` (anchors x classes),
+    and its indices where those values are distinct (``topk_filter`` reads no other), from
+    far fewer candidates: ``topk`` pairs every score with its index first (SSD300's level 0:
+    462k scores, 1.44 -> 0.38 ms; level 1 0.88 -> 0.28).
 
     Each anchor's ``j`` best scores (``j`` x anchors >= ``k``) hold ``k`` scores at least as
     large as the k-th largest of them, ``bound``; so every one of the ``k`` largest scores is
