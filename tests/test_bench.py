@@ -119,11 +119,15 @@ def test_a_record_above_the_peak_measures_the_peak_again_before_it_says_so():
     x = np.zeros((1, 3, 300, 300), np.float32)
     runner = SleepyRunner(0.01)  # ~100 img/s: 1 GOP per image is ~100 GOP/s
 
-    def ceilings_from(peaks: list[float]):
+    def ceilings_from(peaks: list[float], matmuls: list[float] | None = None):
+        """The k-th measurement reads peaks[k] (and matmuls[k], else the same), the last
+        one ever after."""
         def measure() -> dict[str, Ceiling]:
             measure.calls += 1
-            peak = peaks[min(measure.calls, len(peaks)) - 1]
-            return {"fp32": Ceiling("fp32", 1, peak, "fma_avx512", peak, "fake")}
+            k = measure.calls - 1
+            peak = peaks[min(k, len(peaks) - 1)]
+            matmul = peak if matmuls is None else matmuls[min(k, len(matmuls) - 1)]
+            return {"fp32": Ceiling("fp32", 1, peak, "fma_avx512", matmul, "fake")}
         measure.calls = 0
         return measure
 
@@ -134,15 +138,7 @@ def test_a_record_above_the_peak_measures_the_peak_again_before_it_says_so():
     assert disturbed.calls == 2 and rec.peak_gops == 200.0 and rec.peak_fraction < 1
     assert log.ceilings()["fp32"].peak_gops == 200.0
 
-    def matmul_from(achievable: list[float]):  # the peak right, the matmul low at first
-        def measure() -> dict[str, Ceiling]:
-            measure.calls += 1
-            got = achievable[min(measure.calls, len(achievable)) - 1]
-            return {"fp32": Ceiling("fp32", 1, 1000.0, "fma_avx512", got, "fake")}
-        measure.calls = 0
-        return measure
-
-    slow_matmul = matmul_from([40.0, 300.0])
+    slow_matmul = ceilings_from([1000.0], [40.0, 300.0])  # the peak right, the matmul low first
     log = SpeedLog(lambda b, p: runner, lambda b: x, settings, 1.0, ceilings=slow_matmul)
     rec = log.engine_only(*REFERENCE, 1)
     assert slow_matmul.calls == 2 and rec.achievable_gops == 300.0
