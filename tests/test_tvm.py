@@ -392,9 +392,10 @@ def test_cuda_build_survives_a_schedule_rule_that_raises(bundles, tmp_path):
 
 SMALL = (2, 24, 13, 11, 40)  # n, c, h, w, o: odd sizes, channels no multiple of 8
 # Winograd in chunks, the last one padded with unused tiles. Transformed weights above 8 MB
-# take 32 MB chunks: F(2x2) fp32 1225 tiles in two (F(4x4): 324 tiles, one chunk); at most
-# 8 MB, 2 MB chunks: bf16 F(2x2) 1225 tiles in 20 here; 1156 (F(2x2), three chunks) and 289
-# (F(4x4), two) at 64 channels.
+# take 32 MB chunks: F(2x2) fp32 1225 tiles in two (F(4x4): 324 tiles, one chunk). At most
+# 8 MB, each thread runs 2 MB chunks of its own share of the tiles (on 2 threads: bf16 F(2x2)
+# 613 tiles a thread in 10 chunks here; 578 (F(2x2), two chunks) and 145 (F(4x4), one) at 64
+# channels); on 1 thread, 2 MB chunks of all of them.
 CHUNKED = (1, 512, 70, 70, 512)
 CHUNKED_SMALL_WEIGHTS = (1, 64, 67, 67, 64)
 
@@ -522,6 +523,42 @@ def test_shim_winograd_every_vector_isa(store, compute, shape, residual):
                                    err_msg=f"vector_isa {level} against {widest}")
     with pytest.raises(Exception, match="what this CPU runs"):
         mod.vector_isa(widest + 1)
+
+
+@pytest.mark.parametrize("compute", [2, 4, 3])
+@pytest.mark.parametrize("shape", [CHUNKED_SMALL_WEIGHTS, (3, 48, 49, 43, 80)])
+def test_shim_winograd_same_on_one_thread_and_on_each_threads_own_tiles(store, compute, shape):
+    """Where the transformed weights are small, each thread runs all three Winograd phases on
+    its own share of the tiles (its tiles never move to another core); on one thread, chunks
+    of all the tiles. Both give the same convolution, where shares and chunks are uneven too
+    (F(4x4) on 3 x 49 x 43: 429 tiles, 214 and 215 a thread, in chunks of 108)."""
+    import numpy as np
+    import tvm
+
+    from ssd_pipeline.core.host import cpu_flags, default_threads
+    from ssd_pipeline.engine.kernels import build_shim, load_shim
+
+    if compute == 3 and "avx512_bf16" not in cpu_flags():
+        pytest.skip("bfloat16 convolutions need avx512_bf16 (this CPU has none)")
+    mod = load_shim(str(build_shim(store)))
+    rng = np.random.default_rng(compute * 10 + shape[0])
+    n, c, h, w, o = shape
+    args = [tvm.runtime.tensor(a) for a in (
+        rng.standard_normal((n, h, w, c), dtype=np.float32),
+        rng.standard_normal((o, 3, 3, c), dtype=np.float32) * (0.1 / c ** 0.5),
+        rng.standard_normal(o, dtype=np.float32))]
+    res = tvm.runtime.tensor(rng.standard_normal((n, h, w, o), dtype=np.float32))
+    outs = {}
+    try:
+        for threads in (1, 2):
+            mod.set_num_threads(threads)
+            dst = tvm.runtime.tensor(np.zeros((n, h, w, o), np.float32))
+            mod.conv2d_nhwc_add(*args, 1, 1, 1, 1, 1, 1, 1, 1, 1, compute, res, dst)
+            outs[threads] = dst.numpy()
+    finally:
+        mod.set_num_threads(default_threads())
+    scale = np.abs(outs[1]).max()
+    np.testing.assert_allclose(outs[2], outs[1], rtol=0, atol=1e-6 * scale)
 
 
 @pytest.mark.parametrize("compute, act", [(2, "float32"), (4, "float32"), (3, "float32"),

@@ -262,6 +262,8 @@ struct Wino {
   int64_t tc = 0;  // tiles per chunk (the last chunk is padded with unused tiles)
   int m = 2;       // output tile side
   bool bf16 = false;  // the products in bfloat16: v and u bfloat16, m float32
+  bool per_thread = false;  // each thread its own tiles, all three phases (see RunWinograd)
+  int64_t scratch = 0;      // bytes of the one-thread matmul's scratchpad, per thread
 };
 
 // 16 floats (a zmm register in the AVX-512 transforms below), 8 (a ymm register with AVX2,
@@ -672,6 +674,13 @@ __attribute__((always_inline)) inline void WinoOutputAny(
 // (+ residual, float or bfloat16 bits), ReLU (and the 2x2 max pool)
 PER_ISA(WinoOutput, WINO_OUTPUT_T, WINO_OUTPUT_ARGS, WINO_OUTPUT_PASS)
 
+// Bytes of the transformed weights u = G g G^T of an F(m x m, 3x3) convolution, c -> o, and
+// the most that counts as small: a quarter of a Zen 4 L3, so that it stays cached between chunks
+int64_t UBytes(int m, int64_t c, int64_t o, bool bf16) {
+  return (m + 2) * (m + 2) * c * o * (bf16 ? 2 : 4);
+}
+constexpr int64_t kSmallU = 8 << 20;
+
 // y = G . x over three taps of a 3x3 kernel (double: the m = 4 constants are not exact in float)
 void FilterRow(int m, const double (&x)[3], double* y) {
   if (m == 2) {
@@ -689,31 +698,40 @@ void FilterRow(int m, const double (&x)[3], double* y) {
   }
 }
 
-std::shared_ptr<Wino> MakeWino(const TensorView& weight, int64_t tiles, bool bf16, int m) {
+std::shared_ptr<Wino> MakeWino(const TensorView& weight, int64_t tiles, bool bf16, int m,
+                               int64_t threads, bool per_thread) {
   using tag = dnnl::memory::format_tag;
   using dt = dnnl::memory::data_type;
   const int64_t o = weight.size(0), c = weight.size(3);
   const int a = m + 2, np = a * a;  // input tile side, products per tile
   auto wino = std::make_shared<Wino>();
   // Chunk size. Each chunk's matmul streams all of the transformed weights u once. Where u is
-  // small (<= 8 MB, a quarter of a Zen 4 L3) it stays cached, and 2 MB chunks keep the tiles
-  // and products in cache between the transforms and the matmul (SSD300 150x150 128->128 F(4x4)
-  // bs 8: 0.68 of the time with 32 MB chunks; 1 MB: 0.72). A larger u is read from memory once
-  // per chunk, so 32 MB chunks (38x38 512->512, u 38 MB: 2 MB chunks 1.17x the time; on AVX2
-  // 8 MB chunks ran the matmul at ~100 GOP/s against ~140).
-  const int64_t u_bytes = np * c * o * (bf16 ? 2 : 4);
-  const int64_t chunk = u_bytes <= (8 << 20) ? (2 << 20) : (32 << 20);
+  // small (<= kSmallU) it stays cached, and 2 MB chunks keep the tiles and products in cache
+  // between the transforms and the matmul (SSD300 150x150 128->128 F(4x4) bs 8: 0.68 of the
+  // time with 32 MB chunks; 1 MB: 0.72). A larger u is read from memory once per chunk, so 32 MB
+  // chunks (38x38 512->512, u 38 MB: 2 MB chunks 1.17x the time; on AVX2 8 MB chunks ran the
+  // matmul at ~100 GOP/s against ~140). Per thread (see RunWinograd), a chunk is one thread's.
+  const int64_t chunk = UBytes(m, c, o, bf16) <= kSmallU ? (2 << 20) : (32 << 20);
+  const int64_t own = per_thread ? (tiles + threads - 1) / threads : tiles;
   const int64_t budget = std::max<int64_t>(64, chunk / (np * 4 * std::max(c, o)));
-  const int64_t chunks = (tiles + budget - 1) / budget;
-  wino->tc = (tiles + chunks - 1) / chunks;
+  const int64_t chunks = (own + budget - 1) / budget;
+  wino->tc = (own + chunks - 1) / chunks;
   wino->m = m;
   wino->bf16 = bf16;
+  wino->per_thread = per_thread;
   const dt products = bf16 ? dt::bf16 : dt::f32;
+  dnnl::primitive_attr attr;
+  // per thread: a matmul made for one thread, with a scratchpad each thread passes its own of
+  if (per_thread) attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  const int before = omp_get_max_threads();
+  if (per_thread) omp_set_num_threads(1);
   auto pd = dnnl::matmul::primitive_desc(
       CpuEngine(), dnnl::memory::desc({np, wino->tc, c}, products, tag::abc),
       dnnl::memory::desc({np, c, o}, products, tag::any),
-      dnnl::memory::desc({np, wino->tc, o}, dt::f32, tag::abc));
+      dnnl::memory::desc({np, wino->tc, o}, dt::f32, tag::abc), attr);
+  if (per_thread) omp_set_num_threads(before);
   wino->matmul = dnnl::matmul(pd);
+  wino->scratch = per_thread ? static_cast<int64_t>(pd.scratchpad_desc().get_size()) : 0;
   // U = G g G^T for every (c, o): [P][C][O]
   const float* g = static_cast<const float*>(weight.data_ptr());  // OHWI, 3x3
   dnnl::memory u_user({{np, c, o}, dt::f32, tag::abc}, CpuEngine());
@@ -743,6 +761,37 @@ std::shared_ptr<Wino> MakeWino(const TensorView& weight, int64_t tiles, bool bf1
   return wino;
 }
 
+// One thread's Winograd buffers: tiles v (float32, or bfloat16 bits in vb), products m, a
+// channel of zeros for padding, and the one-thread matmul's scratchpad
+struct WinoBuffers {
+  std::vector<float> v, m, zeros;
+  std::vector<uint16_t> vb, zeros_b;  // bfloat16 zero is 0
+  std::vector<uint8_t> scratch;
+  dnnl::memory Tiles(int64_t np, int64_t tc, int64_t c, bool bf16) {
+    return dnnl::memory({{np, tc, c}, bf16 ? dnnl::memory::data_type::bf16
+                                           : dnnl::memory::data_type::f32,
+                         dnnl::memory::format_tag::abc},
+                        CpuEngine(), bf16 ? static_cast<void*>(vb.data()) : v.data());
+  }
+  dnnl::memory Products(int64_t np, int64_t tc, int64_t o) {
+    return dnnl::memory({{np, tc, o}, dnnl::memory::data_type::f32,
+                         dnnl::memory::format_tag::abc}, CpuEngine(), m.data());
+  }
+};
+
+// The calling thread's buffers, grown to fit
+WinoBuffers& Buffers(int64_t np, int64_t tc, int64_t c, int64_t o, bool bf16, int64_t scratch) {
+  thread_local WinoBuffers b;
+  if (!bf16 && static_cast<int64_t>(b.v.size()) < np * tc * c) b.v.resize(np * tc * c);
+  if (bf16 && static_cast<int64_t>(b.vb.size()) < np * tc * c) b.vb.resize(np * tc * c);
+  if (static_cast<int64_t>(b.m.size()) < np * tc * o) b.m.resize(np * tc * o);
+  if (static_cast<int64_t>(b.zeros.size()) < c) b.zeros.assign(c, 0.f);
+  if (static_cast<int64_t>(b.zeros_b.size()) < c) b.zeros_b.assign(c, 0);
+  if (static_cast<int64_t>(b.scratch.size()) < std::max<int64_t>(scratch, 1))
+    b.scratch.resize(std::max<int64_t>(scratch, 1));
+  return b;
+}
+
 // The Winograd path of conv2d_nhwc(_add): 3x3 kernels, stride and dilation 1, pads 0 or 1;
 // shapes were checked by RunF32. pool: dst is the 2x2 stride-2 max pool (ceil or floor mode,
 // by dst's size) of the ReLU'd output.
@@ -766,69 +815,96 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
   }
   const int64_t th = (oh + mt - 1) / mt, tw = (ow + mt - 1) / mt, tiles = n * th * tw;
   const int64_t np = (mt + 2) * (mt + 2);
+  const int64_t threads = omp_get_max_threads();
+  // each thread on its own tiles where every thread can keep u cached (see below)
+  const bool per_thread = threads > 1 && UBytes(mt, c, o, bf16) <= kSmallU;
   Key key;
-  key << n << h << w << c << o << pt << pl << pb << pr << bf16 << mt << weight.data_ptr();
+  key << n << h << w << c << o << pt << pl << pb << pr << bf16 << mt << weight.data_ptr()
+      << threads << per_thread;
   auto wino = Cached(key.str(),
                      Fingerprint(static_cast<const float*>(weight.data_ptr()), weight.numel()),
-                     [&] { return MakeWino(weight, tiles, bf16, mt); });
+                     [&] { return MakeWino(weight, tiles, bf16, mt, threads, per_thread); });
   const int64_t tc = wino->tc;
-  // per calling thread: engines may run on several threads at once
-  thread_local std::vector<float> v, m, zeros;
-  thread_local std::vector<uint16_t> vb, zeros_b;  // bfloat16 tiles; bfloat16 zero is 0
-  if (!bf16 && static_cast<int64_t>(v.size()) < np * tc * c) v.resize(np * tc * c);
-  if (bf16 && static_cast<int64_t>(vb.size()) < np * tc * c) vb.resize(np * tc * c);
-  if (static_cast<int64_t>(m.size()) < np * tc * o) m.resize(np * tc * o);
-  if (static_cast<int64_t>(zeros.size()) < c) zeros.assign(c, 0.f);
-  if (static_cast<int64_t>(zeros_b.size()) < c) zeros_b.assign(c, 0);
-  using dt = dnnl::memory::data_type;
-  using tag = dnnl::memory::format_tag;
-  auto& eng = CpuEngine();
-  dnnl::stream& s = Stream();
-  dnnl::memory v_m({{np, tc, c}, bf16 ? dt::bf16 : dt::f32, tag::abc}, eng,
-                   bf16 ? static_cast<void*>(vb.data()) : static_cast<void*>(v.data()));
-  dnnl::memory m_m({{np, tc, o}, dt::f32, tag::abc}, eng, m.data());
   // a residual in float32 or in bfloat16 (a bfloat16 engine's activation)
   const bool res_bf16 = residual != nullptr && IsBf16(*residual);
   const float* res = residual != nullptr && !res_bf16
                          ? static_cast<const float*>(residual->data_ptr()) : nullptr;
   const uint16_t* res_b = res_bf16 ? static_cast<const uint16_t*>(residual->data_ptr()) : nullptr;
   const float* b = static_cast<const float*>(bias.data_ptr());
-  // the thread_local buffers' addresses, taken on this thread: inside the parallel regions
-  // below their names would mean each worker thread's own (empty) buffers
-  float* const vf = v.data();
-  uint16_t* const vh = vb.data();
-  float* const mf = m.data();
-  const float* const zf = zeros.data();
-  const uint16_t* const zh = zeros_b.data();
+  // tiles t0 + [lo, hi) of the chunk in v (float32 or bfloat16 bits) -> products in mf -> dst
+  auto input = [&](float* vf, uint16_t* vh, const float* zf, const uint16_t* zh, int64_t t0,
+                   int64_t lo, int64_t hi) {
+    if (IsBf16(src))  // bfloat16 activations (checked by RunF32: only with bf16 products)
+      WinoInput(static_cast<const uint16_t*>(src.data_ptr()), vh, zh, t0, tc, tiles, th, tw, h,
+                w, c, pt, pl, mt, lo, hi);
+    else if (bf16)
+      WinoInput(static_cast<const float*>(src.data_ptr()), vh, zf, t0, tc, tiles, th, tw, h, w,
+                c, pt, pl, mt, lo, hi);
+    else
+      WinoInput(static_cast<const float*>(src.data_ptr()), vf, zf, t0, tc, tiles, th, tw, h, w,
+                c, pt, pl, mt, lo, hi);
+  };
+  auto output = [&](const float* mf, int64_t t0, int64_t lo, int64_t hi) {
+    if (res_b != nullptr && IsBf16(dst))
+      WinoOutput(mf, b, res_b, static_cast<uint16_t*>(dst.data_ptr()), t0, tc, tiles, th, tw,
+                 oh, ow, ph, pw, o, relu, pool, mt, lo, hi);
+    else if (res_b != nullptr)
+      WinoOutput(mf, b, res_b, static_cast<float*>(dst.data_ptr()), t0, tc, tiles, th, tw, oh,
+                 ow, ph, pw, o, relu, pool, mt, lo, hi);
+    else if (IsBf16(dst))
+      WinoOutput(mf, b, res, static_cast<uint16_t*>(dst.data_ptr()), t0, tc, tiles, th, tw, oh,
+                 ow, ph, pw, o, relu, pool, mt, lo, hi);
+    else
+      WinoOutput(mf, b, res, static_cast<float*>(dst.data_ptr()), t0, tc, tiles, th, tw, oh, ow,
+                 ph, pw, o, relu, pool, mt, lo, hi);
+  };
+  using dt = dnnl::memory::data_type;
+  using tag = dnnl::memory::format_tag;
+  auto& eng = CpuEngine();
+  if (wino->per_thread) {
+    // Each thread takes a contiguous share of the tiles and runs all three phases on its own
+    // chunks with a one-thread matmul: its tiles and products never move to another core.
+    // This host's two vCPUs sometimes sit on separate L3 caches; a 1 MB handoff between them
+    // then costs 8-11x a read of one's own, and the shared chunks below (tiles transformed by
+    // one thread, multiplied by the other) ran the embedded model's fp32 engine 1.4x slower.
+    // Only where u is small: each thread streams all of u per chunk, not its half.
+#pragma omp parallel
+    {
+      const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+      const int64_t lo = tiles * id / nt, hi = tiles * (id + 1) / nt;
+      WinoBuffers& buf = Buffers(np, tc, c, o, bf16, wino->scratch);  // this worker's own
+      dnnl::stream& ts = Stream();
+      dnnl::memory v_m = buf.Tiles(np, tc, c, bf16), m_m = buf.Products(np, tc, o);
+      dnnl::memory s_m({{std::max<int64_t>(wino->scratch, 1)}, dt::u8, tag::a}, eng,
+                       buf.scratch.data());
+      for (int64_t t0 = lo; t0 < hi; t0 += tc) {
+        const int64_t count = std::min(tc, hi - t0);
+        input(buf.v.data(), buf.vb.data(), buf.zeros.data(), buf.zeros_b.data(), t0, 0, count);
+        wino->matmul.execute(ts, {{DNNL_ARG_SRC, v_m}, {DNNL_ARG_WEIGHTS, wino->u},
+                                  {DNNL_ARG_DST, m_m}, {DNNL_ARG_SCRATCHPAD, s_m}});
+        ts.wait();
+        output(buf.m.data(), t0, 0, count);
+      }
+    }
+    return;
+  }
+  // one calling thread's buffers (engines may run on several threads at once); their
+  // addresses taken here: inside the parallel regions below, Buffers() is each worker's own
+  WinoBuffers& buf = Buffers(np, tc, c, o, bf16, 0);
+  dnnl::stream& s = Stream();
+  dnnl::memory v_m = buf.Tiles(np, tc, c, bf16), m_m = buf.Products(np, tc, o);
+  float* const vf = buf.v.data();
+  uint16_t* const vh = buf.vb.data();
+  float* const mf = buf.m.data();
+  const float* const zf = buf.zeros.data();
+  const uint16_t* const zh = buf.zeros_b.data();
   for (int64_t t0 = 0; t0 < tiles; t0 += tc) {
-    ParallelRange(tc, [&](int64_t lo, int64_t hi) {
-      if (IsBf16(src))  // bfloat16 activations (checked by RunF32: only with bf16 products)
-        WinoInput(static_cast<const uint16_t*>(src.data_ptr()), vh, zh, t0, tc, tiles, th, tw,
-                  h, w, c, pt, pl, mt, lo, hi);
-      else if (bf16)
-        WinoInput(static_cast<const float*>(src.data_ptr()), vh, zf, t0, tc, tiles, th, tw, h,
-                  w, c, pt, pl, mt, lo, hi);
-      else
-        WinoInput(static_cast<const float*>(src.data_ptr()), vf, zf, t0, tc, tiles, th, tw, h,
-                  w, c, pt, pl, mt, lo, hi);
-    });
+    ParallelRange(tc, [&](int64_t lo, int64_t hi) { input(vf, vh, zf, zh, t0, lo, hi); });
     wino->matmul.execute(s, {{DNNL_ARG_SRC, v_m}, {DNNL_ARG_WEIGHTS, wino->u},
                              {DNNL_ARG_DST, m_m}});
     s.wait();
-    ParallelRange(std::min(tc, tiles - t0), [&](int64_t lo, int64_t hi) {
-      if (res_b != nullptr && IsBf16(dst))
-        WinoOutput(mf, b, res_b, static_cast<uint16_t*>(dst.data_ptr()), t0, tc, tiles, th, tw,
-                   oh, ow, ph, pw, o, relu, pool, mt, lo, hi);
-      else if (res_b != nullptr)
-        WinoOutput(mf, b, res_b, static_cast<float*>(dst.data_ptr()), t0, tc, tiles, th, tw,
-                   oh, ow, ph, pw, o, relu, pool, mt, lo, hi);
-      else if (IsBf16(dst))
-        WinoOutput(mf, b, res, static_cast<uint16_t*>(dst.data_ptr()), t0, tc, tiles, th, tw,
-                   oh, ow, ph, pw, o, relu, pool, mt, lo, hi);
-      else
-        WinoOutput(mf, b, res, static_cast<float*>(dst.data_ptr()), t0, tc, tiles, th, tw, oh,
-                   ow, ph, pw, o, relu, pool, mt, lo, hi);
-    });
+    ParallelRange(std::min(tc, tiles - t0),
+                  [&](int64_t lo, int64_t hi) { output(mf, t0, lo, hi); });
   }
 }
 
