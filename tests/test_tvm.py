@@ -481,6 +481,20 @@ def test_shim_convolution_equals_torch(store, kh, stride, pad, dilation, relu, r
     np.testing.assert_allclose(t[3].numpy(), ref, rtol=1e-4, atol=1e-4)
 
 
+def _random_3x3_call(rng, shape):
+    """(src NHWC, weight OHWI, bias) and a residual for a 3x3 shim call of ``shape`` (n, c, h,
+    w, o), as TVM tensors."""
+    import numpy as np
+    import tvm
+
+    n, c, h, w, o = shape
+    args = [tvm.runtime.tensor(a) for a in (
+        rng.standard_normal((n, h, w, c), dtype=np.float32),
+        rng.standard_normal((o, 3, 3, c), dtype=np.float32) * (0.1 / c ** 0.5),
+        rng.standard_normal(o, dtype=np.float32))]
+    return args, tvm.runtime.tensor(rng.standard_normal((n, h, w, o), dtype=np.float32))
+
+
 @pytest.mark.parametrize("compute, shape, residual", [
     (2, SMALL, True), (4, SMALL, False), (4, CHUNKED_SMALL_WEIGHTS, True), (3, SMALL, True)])
 def test_shim_winograd_every_vector_isa(store, compute, shape, residual):
@@ -498,13 +512,8 @@ def test_shim_winograd_every_vector_isa(store, compute, shape, residual):
         pytest.skip("bfloat16 convolutions need avx512_bf16 (this CPU has none)")
     mod = load_shim(str(build_shim(store)))
     widest = mod.vector_isa(-1)
-    rng = np.random.default_rng(compute)
-    n, c, h, w, o = shape
-    args = [tvm.runtime.tensor(a) for a in (
-        rng.standard_normal((n, h, w, c), dtype=np.float32),
-        rng.standard_normal((o, 3, 3, c), dtype=np.float32) * (0.1 / c ** 0.5),
-        rng.standard_normal(o, dtype=np.float32))]
-    res = tvm.runtime.tensor(rng.standard_normal((n, h, w, o), dtype=np.float32))
+    n, _, h, w, o = shape
+    args, res = _random_3x3_call(np.random.default_rng(compute), shape)
     outs = {}
     try:
         for level in range(widest + 1):
@@ -541,13 +550,8 @@ def test_shim_winograd_same_on_one_thread_and_on_each_threads_own_tiles(store, c
     if compute == 3 and "avx512_bf16" not in cpu_flags():
         pytest.skip("bfloat16 convolutions need avx512_bf16 (this CPU has none)")
     mod = load_shim(str(build_shim(store)))
-    rng = np.random.default_rng(compute * 10 + shape[0])
-    n, c, h, w, o = shape
-    args = [tvm.runtime.tensor(a) for a in (
-        rng.standard_normal((n, h, w, c), dtype=np.float32),
-        rng.standard_normal((o, 3, 3, c), dtype=np.float32) * (0.1 / c ** 0.5),
-        rng.standard_normal(o, dtype=np.float32))]
-    res = tvm.runtime.tensor(rng.standard_normal((n, h, w, o), dtype=np.float32))
+    n, _, h, w, o = shape
+    args, res = _random_3x3_call(np.random.default_rng(compute * 10 + shape[0]), shape)
     outs = {}
     try:
         for threads in (1, 2):
