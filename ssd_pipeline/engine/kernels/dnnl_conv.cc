@@ -262,8 +262,7 @@ struct Wino {
   int64_t tc = 0;  // tiles per chunk (the last chunk is padded with unused tiles)
   int m = 2;       // output tile side
   bool bf16 = false;  // the products in bfloat16: v and u bfloat16, m float32
-  bool per_thread = false;  // each thread its own tiles, all three phases (see RunWinograd)
-  int64_t scratch = 0;      // bytes of the one-thread matmul's scratchpad, per thread
+  int64_t scratch = 0;  // bytes of a per-thread matmul's scratchpad (see RunWinograd)
 };
 
 // 16 floats (a zmm register in the AVX-512 transforms below), 8 (a ymm register with AVX2,
@@ -718,7 +717,6 @@ std::shared_ptr<Wino> MakeWino(const TensorView& weight, int64_t tiles, bool bf1
   wino->tc = (own + chunks - 1) / chunks;
   wino->m = m;
   wino->bf16 = bf16;
-  wino->per_thread = per_thread;
   const dt products = bf16 ? dt::bf16 : dt::f32;
   dnnl::primitive_attr attr;
   // per thread: a matmul made for one thread, with a scratchpad each thread passes its own of
@@ -861,7 +859,7 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
   using dt = dnnl::memory::data_type;
   using tag = dnnl::memory::format_tag;
   auto& eng = CpuEngine();
-  if (wino->per_thread) {
+  if (per_thread) {  // part of the key, so wino was made for it
     // Each thread takes a contiguous share of the tiles and runs all three phases on its own
     // chunks with a one-thread matmul: its tiles and products never move to another core.
     // This host's two vCPUs sometimes sit on separate L3 caches; a 1 MB handoff between them
