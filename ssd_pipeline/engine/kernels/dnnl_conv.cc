@@ -829,9 +829,13 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
                          ? static_cast<const float*>(residual->data_ptr()) : nullptr;
   const uint16_t* res_b = res_bf16 ? static_cast<const uint16_t*>(residual->data_ptr()) : nullptr;
   const float* b = static_cast<const float*>(bias.data_ptr());
-  // tiles t0 + [lo, hi) of the chunk in v (float32 or bfloat16 bits) -> products in mf -> dst
-  auto input = [&](float* vf, uint16_t* vh, const float* zf, const uint16_t* zh, int64_t t0,
-                   int64_t lo, int64_t hi) {
+  // tiles t0 + [lo, hi) of the chunk into buf's v (float32 or bfloat16 bits); buf's products
+  // m of them into dst
+  auto input = [&](WinoBuffers& buf, int64_t t0, int64_t lo, int64_t hi) {
+    float* vf = buf.v.data();
+    uint16_t* vh = buf.vb.data();
+    const float* zf = buf.zeros.data();
+    const uint16_t* zh = buf.zeros_b.data();
     if (IsBf16(src))  // bfloat16 activations (checked by RunF32: only with bf16 products)
       WinoInput(static_cast<const uint16_t*>(src.data_ptr()), vh, zh, t0, tc, tiles, th, tw, h,
                 w, c, pt, pl, mt, lo, hi);
@@ -842,7 +846,8 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
       WinoInput(static_cast<const float*>(src.data_ptr()), vf, zf, t0, tc, tiles, th, tw, h, w,
                 c, pt, pl, mt, lo, hi);
   };
-  auto output = [&](const float* mf, int64_t t0, int64_t lo, int64_t hi) {
+  auto output = [&](const WinoBuffers& buf, int64_t t0, int64_t lo, int64_t hi) {
+    const float* mf = buf.m.data();
     if (res_b != nullptr && IsBf16(dst))
       WinoOutput(mf, b, res_b, static_cast<uint16_t*>(dst.data_ptr()), t0, tc, tiles, th, tw,
                  oh, ow, ph, pw, o, relu, pool, mt, lo, hi);
@@ -877,32 +882,27 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
                        buf.scratch.data());
       for (int64_t t0 = lo; t0 < hi; t0 += tc) {
         const int64_t count = std::min(tc, hi - t0);
-        input(buf.v.data(), buf.vb.data(), buf.zeros.data(), buf.zeros_b.data(), t0, 0, count);
+        input(buf, t0, 0, count);
         wino->matmul.execute(ts, {{DNNL_ARG_SRC, v_m}, {DNNL_ARG_WEIGHTS, wino->u},
                                   {DNNL_ARG_DST, m_m}, {DNNL_ARG_SCRATCHPAD, s_m}});
         ts.wait();
-        output(buf.m.data(), t0, 0, count);
+        output(buf, t0, 0, count);
       }
     }
     return;
   }
-  // one calling thread's buffers (engines may run on several threads at once); their
-  // addresses taken here: inside the parallel regions below, Buffers() is each worker's own
+  // the calling thread's buffers (engines may run on several threads at once), bound here:
+  // inside the parallel regions below, Buffers() would be each worker's own
   WinoBuffers& buf = Buffers(np, tc, c, o, bf16, 0);
   dnnl::stream& s = Stream();
   dnnl::memory v_m = buf.Tiles(np, tc, c, bf16), m_m = buf.Products(np, tc, o);
-  float* const vf = buf.v.data();
-  uint16_t* const vh = buf.vb.data();
-  float* const mf = buf.m.data();
-  const float* const zf = buf.zeros.data();
-  const uint16_t* const zh = buf.zeros_b.data();
   for (int64_t t0 = 0; t0 < tiles; t0 += tc) {
-    ParallelRange(tc, [&](int64_t lo, int64_t hi) { input(vf, vh, zf, zh, t0, lo, hi); });
+    ParallelRange(tc, [&](int64_t lo, int64_t hi) { input(buf, t0, lo, hi); });
     wino->matmul.execute(s, {{DNNL_ARG_SRC, v_m}, {DNNL_ARG_WEIGHTS, wino->u},
                              {DNNL_ARG_DST, m_m}});
     s.wait();
     ParallelRange(std::min(tc, tiles - t0),
-                  [&](int64_t lo, int64_t hi) { output(mf, t0, lo, hi); });
+                  [&](int64_t lo, int64_t hi) { output(buf, t0, lo, hi); });
   }
 }
 
