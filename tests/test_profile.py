@@ -9,7 +9,7 @@ import pytest
 
 from ssd_pipeline.cli import main
 from ssd_pipeline.core.onnxfile import load_onnx
-from ssd_pipeline.core.timing import conv_gflop_per_image
+from ssd_pipeline.core.timing import conv_gflop_per_image, conv_gop, in_bounds_taps
 from ssd_pipeline.suite.profile import PROFILE_FORMAT, format_profile, profile_runner
 from tests.helpers import head_groups
 
@@ -18,6 +18,26 @@ BATCH = 4
 
 def onnx_conv_count(path) -> int:
     return sum(n.op_type == "Conv" for n in load_onnx(path).graph.node)
+
+
+@pytest.mark.parametrize("hw, out, k, s, p, d", [
+    ((19, 19), (19, 19), (3, 3), (1, 1), (6, 6), (6, 6)),  # SSD300's conv6
+    ((19, 19), (10, 10), (3, 3), (2, 2), (1, 1), (1, 1)),
+    ((1, 1), (1, 1), (3, 3), (1, 1), (1, 1), (1, 1)),  # a 1x1 level's head: the centre only
+    ((7, 9), (3, 5), (3, 2), (2, 2), (0, 1), (1, 2)),
+])
+def test_conv_gop_counts_the_taps_inside_the_input(hw, out, k, s, p, d):
+    """Counted as torch counts it: a convolution of ones with an all-ones kernel sums, at each
+    output, the taps that land inside the input (the padding is zeros)."""
+    import torch
+
+    ones = torch.nn.functional.conv2d(torch.ones(1, 1, *hw), torch.ones(1, 1, *k), stride=s,
+                                      padding=p, dilation=d)
+    assert tuple(ones.shape[2:]) == out
+    assert conv_gop(2, hw, out, k, 3, 5, s, p, d) == pytest.approx(
+        2 * 2 * float(ones.sum()) * 3 * 5 / 1e9)
+    if hw == (19, 19) and d == (6, 6):
+        assert in_bounds_taps(19, 19, 3, 1, 6, 6) == 13 + 19 + 13
 
 
 @pytest.mark.parametrize("backend", ["tvm", "onnxruntime", "openvino"])
@@ -34,12 +54,14 @@ def test_profile_sees_every_convolution(backend, bundles, sample_batch):
     # FLOP from the runtime's shapes against FLOP from ONNX shape inference for the batch:
     # equal for OpenVINO; ONNX Runtime's NCHWc kernels and TVM's merged heads compute channels
     # padded to whole blocks (e.g. 324 -> 328 on AVX2, 40 -> 48), so they report that work, a
-    # little more. TVM's Winograd calls count what they execute: the engine record's saving
+    # little more. The peers' profiles have no pads, so they count the taps on padding too;
+    # TVM counts what it executes: in-bounds taps, and the engine record's Winograd saving
     # per image less
     runner = bundle.runner(backend)
     saved = runner.info.get("conv_gop_saved_per_image", 0.0)
     assert (saved > 0) == (backend == "tvm"), runner.info
-    graph_gop = (conv_gflop_per_image(str(onnx_path)) - saved) * BATCH
+    graph_gop = (conv_gflop_per_image(str(onnx_path), padding_taps=backend != "tvm")
+                 - saved) * BATCH
     if backend == "openvino":
         assert record["conv_gop"] == pytest.approx(graph_gop, rel=1e-3)
     else:

@@ -127,7 +127,7 @@ def test_winograd_runs_where_it_measured_faster(model_name, precision, bundles):
     against their direct form (what the perf records' peak fractions read)."""
     import onnx
 
-    from ssd_pipeline.core.timing import conv_gflop_per_image
+    from ssd_pipeline.core.timing import conv_gflop_per_image, conv_gop
     from ssd_pipeline.engine.compile import winograd_cuts, winograd_gop
     from ssd_pipeline.engine.kernels import CONV2D_NHWC, CONV2D_NHWC_ADD
     from ssd_pipeline.engine.patterns import OC_BLOCK
@@ -136,7 +136,7 @@ def test_winograd_runs_where_it_measured_faster(model_name, precision, bundles):
     path = str(b.artifacts.simplified_onnx_path)
     model = onnx.shape_inference.infer_shapes(onnx.load(path, load_external_data=False))
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in [*model.graph.value_info, *model.graph.output]}
+              for v in [*model.graph.input, *model.graph.value_info, *model.graph.output]}
     weights = {i.name: list(i.dims) for i in model.graph.initializer}
     # a head group is one convolution with the group's output channels
     width = {n.output[0]: weights[n.input[1]][0] for n in model.graph.node
@@ -162,7 +162,8 @@ def test_winograd_runs_where_it_measured_faster(model_name, precision, bundles):
             if cuts and min(c, o) >= cuts[0] and min(oh, ow) >= cuts[1]:
                 tiles.append(tile)
                 executed += winograd_gop(oh, ow, c, o, tile)
-                direct += 2 * oh * ow * c * o * 9 / 1e9
+                direct += conv_gop(1, shapes[node.input[0]][2:], (oh, ow), (3, 3), c, o,
+                                   pads=a.get("pads", [0] * 4)[:2])
                 break
     record = b.runner("tvm", precision).engine.record
     ops, wino = record["relax_ops"], record["winograd"]

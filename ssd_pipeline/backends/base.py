@@ -32,8 +32,9 @@ class OpTime:
     input_shapes: tuple[tuple[int, ...], ...] = ()
     output_shape: tuple[int, ...] | None = None
     weight_shape: tuple[int, ...] | None = None
-    # GOP (2 x MACs) where the backend does fewer multiplies than the direct convolution
-    # (Winograd: 16 per 2x2 output tile instead of 36)
+    # GOP (2 x MACs) the backend multiplies, where it knows: Winograd's tile products (16 per
+    # 2x2 output tile instead of 36), a direct convolution's in-bounds taps
+    # (core.timing.conv_gop); else the profile counts every output element times its kernel
     executed_gop: float | None = None
 
 

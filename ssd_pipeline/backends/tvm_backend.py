@@ -10,6 +10,7 @@ import numpy as np
 
 from ..core.errors import UserError
 from ..core.host import default_threads
+from ..core.timing import conv_gop
 from .base import Backend, OpTime, Runner, check_batch
 
 if TYPE_CHECKING:
@@ -163,6 +164,11 @@ class TvmRunner(Runner):
                 n, h, w, _ = shapes[0]  # the output may be a fused pool's
                 executed = n * winograd_gop(*winograd_out_hw(h, w, ints), shapes[1][3],
                                             shapes[1][0], tile)
+            elif conv:  # oneDNN skips the taps on padding: count what it multiplies
+                n, h, w, c = shapes[0]
+                o, kh, kw, _ = shapes[1]
+                executed = conv_gop(n, (h, w), shapes[-1][1:3], (kh, kw), c, o, ints[0:2],
+                                    ints[2:4], ints[6:8])
             out.append(OpTime(i, name, "conv" if conv else symbol.rstrip("0123456789_"),
                               ms, tuple(shapes[:-1]), shapes[-1] if shapes else None,
                               shapes[1] if conv else None, executed))

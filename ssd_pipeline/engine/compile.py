@@ -30,9 +30,10 @@ from ..core.cache import ArtifactStore, file_sha256
 from ..core.errors import UserError
 from ..core.host import cpu_flags, default_threads, host_cpu
 from ..core.onnxfile import load_onnx
+from ..core.timing import conv_gop
 
 # Bump when the pass pipeline changes: it is part of every engine's cache key.
-PIPELINE_VERSION = 20
+PIPELINE_VERSION = 21
 ENGINE_FILE = "engine.so"
 META_FILE = "engine.json"
 INPUT_CHW = (3, 300, 300)
@@ -678,13 +679,14 @@ def count_ops(mod: Any) -> dict[str, int]:
 
 def winograd_record(mod: Any) -> dict[str, Any] | None:
     """How many convolutions run as Winograd, and the GOP per image they do against what their
-    direct form does. Perf records read their GOP/s against the peak by what the engine
-    executes, so a Winograd engine's img/s never reads as more than the chip can compute.
-    None when none."""
+    direct form does (its in-bounds taps, as ``conv_gflop_per_image`` counts). Perf records
+    read their GOP/s against the peak by what the engine executes, so a Winograd engine's img/s
+    never reads as more than the chip can compute. None when none."""
     import tvm
     from tvm import relax
 
     found: list[tuple[int, int, int, int, int]] = []
+    direct = 0.0
 
     def visit(e: Any) -> None:
         if (isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op)
@@ -693,13 +695,15 @@ def winograd_record(mod: Any) -> dict[str, Any] | None:
             o, _, _, c = (int(d) for d in f[1].ty.shape)
             tile = WINOGRAD_TILE[int(f[COMPUTE_ARG].value)]
             ints = [int(v.value) for v in f[3:COMPUTE_ARG + 1]]
-            found.append((*winograd_out_hw(int(f[0].ty.shape[1]), int(f[0].ty.shape[2]), ints),
-                          c, o, tile))
+            hw = (int(f[0].ty.shape[1]), int(f[0].ty.shape[2]))
+            out_hw = winograd_out_hw(*hw, ints)
+            found.append((*out_hw, c, o, tile))
+            nonlocal direct
+            direct += conv_gop(1, hw, out_hw, (3, 3), c, o, pads=ints[2:4])
 
     relax.analysis.post_order_visit(mod["main"], visit)
     if not found:
         return None
-    direct = sum(2 * oh * ow * c * o * 9 for oh, ow, c, o, _ in found) / 1e9
     return {"convolutions": len(found),
             "f4x4_convolutions": sum(f[-1] == 4 for f in found),
             "direct_gop_per_image": round(direct, 4),

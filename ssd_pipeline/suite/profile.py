@@ -21,9 +21,11 @@ PROFILE_FORMAT = "ssd_pipeline.profile/1"
 
 
 def conv_gop(op: OpTime) -> float | None:
-    """Giga-operations (2 x MACs) of a convolution as executed: every output element takes one
-    MAC per weight of its output channel. ONNX Runtime reports its NCHWc kernels' shapes,
-    channels padded to whole blocks, so its figure includes that padding."""
+    """Giga-operations (2 x MACs) of a convolution as executed: the backend's own count where it
+    has one (TVM: Winograd products, in-bounds taps), else every output element takes one MAC
+    per weight of its output channel, taps on padding included (a peer's profile has shapes,
+    not pads). ONNX Runtime reports its NCHWc kernels' shapes, channels padded to whole
+    blocks, so its figure includes that padding too."""
     if op.executed_gop is not None:
         return op.executed_gop
     if op.weight_shape is None or op.output_shape is None:
