@@ -329,7 +329,8 @@ def readme_tables(perf_json: Path, accuracy_json: Path) -> str:
     out = [f"Engine-only throughput, SSD300 ({rows[0].get('weights', 'weights unknown')}), "
            f"{host.get('cpu_model', 'CPU unknown')} (LLVM `{host.get('llvm_cpu', '?')}`), "
            f"{host.get('threads', '?')} threads, one `pytest -m perf` run ({when}); GFLOP/s = "
-           f"{rows[0].get('gflop_per_image') or 0:.1f} GFLOP of convolutions per image x img/s:",
+           f"{rows[0].get('gflop_per_image') or 0:.1f} GFLOP of convolutions per image (taps "
+           "inside the input, not on padding) x img/s:",
            "",
            "| backend / precision | " + " | ".join(f"bs {b} img/s" for b in batches)
            + f" | GFLOP/s (bs {mid}) | of peak / of oneDNN matmul (bs {mid}) "
