@@ -634,7 +634,7 @@ def test_engine_fuses_a_pool_only_where_it_alone_reads_the_relu(store, tmp_path,
     if prec == "bf16" and "avx512_bf16" not in cpu_flags():
         pytest.skip("bf16 engines need avx512_bf16 (this CPU has none)")
     rng = np.random.default_rng(5)
-    c = 128  # at or above every Winograd cut (bf16's F(2x2) one is 128 channels)
+    c = 128  # at or above every Winograd cut (bf16's F(2x2) one is 64 channels)
     inits, nodes = [], []
 
     def conv(name, src, cin, relu=True):

@@ -33,7 +33,7 @@ from ..core.onnxfile import load_onnx
 from ..core.timing import conv_gop
 
 # Bump when the pass pipeline changes: it is part of every engine's cache key.
-PIPELINE_VERSION = 21
+PIPELINE_VERSION = 22
 ENGINE_FILE = "engine.so"
 META_FILE = "engine.json"
 INPUT_CHW = (3, 300, 300)
@@ -70,7 +70,12 @@ WINOGRAD_CUTS = {
 # 0.63; 10x10 128->128 0.86, 0.88; 64 channels lose or tie (300x300 64->64 1.23, 1.19; 150x150
 # 64->128 1.04, 1.02; 38x38 64->64 0.87, 0.94). SSD300 bf16 engine, this cut against 256
 # channels: bs 8 0.985, bs 1 0.965 of the time.
-WINOGRAD_BF16_CUTS = {"avx512": (128, 10)}
+# [Seventeenth pass] With each thread on its own tiles (sixteenth pass) the 64-channel layers
+# win too. Whole engines, this cut against 128 channels, one process, interleaved (paired
+# medians, quartiles): SSD300 (conv1_2 and conv2_1 join, 15 Winograd calls) bs 8 0.942
+# (0.940-0.948), bs 1 0.943 (0.940-0.954); embedded model (8 against 3) bs 8 0.978, bs 1 0.990.
+# Fewer executed products: the engine's fraction of the matmul by executed ops drops with it.
+WINOGRAD_BF16_CUTS = {"avx512": (64, 10)}
 # fp32 3x3 stride-1 convolutions at or above these cuts run as Winograd F(4x4, 3x3) (compute 4:
 # 2.25 multiplies per output against F(2x2)'s 4; its error 0.5-2.2e-5 of the output's largest
 # against F(2x2)'s 0.3-0.9e-6). Measured on AVX-512 only (Zen 4, shim called directly, same
