@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from ssd_pipeline.cli import main
@@ -38,6 +39,30 @@ def test_conv_gop_counts_the_taps_inside_the_input(hw, out, k, s, p, d):
         2 * 2 * float(ones.sum()) * 3 * 5 / 1e9)
     if hw == (19, 19) and d == (6, 6):
         assert in_bounds_taps(19, 19, 3, 1, 6, 6) == 13 + 19 + 13
+
+
+@pytest.mark.parametrize("auto_pad, torch_pad", [("SAME_UPPER", (1, 2, 1, 2)),
+                                                  ("SAME_LOWER", (2, 1, 2, 1)),
+                                                  ("VALID", (0, 0, 0, 0))])
+def test_graph_count_reads_auto_pad(tmp_path, auto_pad, torch_pad):
+    """A Conv with ``auto_pad`` (no explicit pads) is counted on the pads ONNX gives it: for
+    SAME_UPPER the odd padding pixel goes at the end, for SAME_LOWER at the start (a 4x4
+    kernel on 8x8: 3 pixels of padding per axis; counted as if unpadded, 26 taps per axis
+    instead of 28)."""
+    import onnx
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 2, 4, 4), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], auto_pad=auto_pad)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    path = tmp_path / "conv.onnx"
+    onnx.save(helper.make_model(graph), path)
+    ones = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(torch.ones(1, 1, 8, 8), torch_pad), torch.ones(1, 1, 4, 4))
+    assert conv_gflop_per_image(str(path)) == pytest.approx(2 * float(ones.sum()) * 2 * 4 / 1e9)
 
 
 @pytest.mark.parametrize("backend", ["tvm", "onnxruntime", "openvino"])

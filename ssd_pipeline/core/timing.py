@@ -111,10 +111,14 @@ def conv_gflop_per_image(onnx_path: str, *, padding_taps: bool = False) -> float
             total += 2.0 * float(np.prod(out[1:])) * c_per_group * kh * kw / 1e9
             continue
         a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
-        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID"):
-            raise ValueError(f"{onnx_path}: Conv {node.name!r} has auto_pad "
-                             f"{a['auto_pad']!r}; only explicit pads are counted")
-        total += conv_gop(1, shapes[node.input[0]][2:], out[2:], (kh, kw), c_per_group, o,
-                          a.get("strides", (1, 1)), a.get("pads", (0, 0, 0, 0))[:2],
-                          a.get("dilations", (1, 1)))
+        in_hw, strides = shapes[node.input[0]][2:], a.get("strides", (1, 1))
+        dilations = a.get("dilations", (1, 1))
+        pads = a.get("pads", (0, 0, 0, 0))[:2]
+        auto = a.get("auto_pad", b"NOTSET")
+        if auto in (b"SAME_UPPER", b"SAME_LOWER"):  # ONNX's rule: the odd pixel at the end
+            total_pad = [max((y - 1) * s + (k - 1) * d + 1 - i, 0) for i, y, k, s, d in zip(
+                in_hw, out[2:], (kh, kw), strides, dilations, strict=True)]
+            pads = [t // 2 if auto == b"SAME_UPPER" else t - t // 2 for t in total_pad]
+        total += conv_gop(1, in_hw, out[2:], (kh, kw), c_per_group, o, strides, pads,
+                          dilations)
     return total
