@@ -115,7 +115,7 @@ def conv_gflop_per_image(onnx_path: str, *, padding_taps: bool = False) -> float
         dilations = a.get("dilations", (1, 1))
         pads = a.get("pads", (0, 0, 0, 0))[:2]
         auto = a.get("auto_pad", b"NOTSET")
-        if auto in (b"SAME_UPPER", b"SAME_LOWER"):  # ONNX's rule: the odd pixel at the end
+        if auto in (b"SAME_UPPER", b"SAME_LOWER"):  # the odd pixel: UPPER at the end, LOWER first
             total_pad = [max((y - 1) * s + (k - 1) * d + 1 - i, 0) for i, y, k, s, d in zip(
                 in_hw, out[2:], (kh, kw), strides, dilations, strict=True)]
             pads = [t // 2 if auto == b"SAME_UPPER" else t - t // 2 for t in total_pad]
