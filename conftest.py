@@ -92,7 +92,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     from ssd_pipeline.core.cache import default_cache_dir
-    from ssd_pipeline.core.host import STACK, default_threads, versions
+    from ssd_pipeline.core.host import STACK, cap_summary, default_threads, versions
 
     opt = config.option
     stack = ", ".join(f"{k} {v}" for k, v in versions(*STACK).items())
@@ -105,6 +105,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"checkpoint_load={'trusted' if opt.trust_checkpoint else 'weights_only'} "
         f"datasets_dir={opt.datasets_dir or '(unset)'} require_data={opt.require_data}",
         *(f"ssd_pipeline: override {e}" for e in opt.expect),
+        *([f"ssd_pipeline: {capped}"] if (capped := cap_summary()) else []),
         *(["ssd_pipeline: perf tests are deselected under -n (pytest-benchmark is off in xdist "
            "workers): run 'pytest -m perf' without -n"] if under_xdist(config) else []),
     ]
@@ -125,6 +126,9 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[EXPECTATIONS] = Expectations.load(config.option.expectations,
                                                        config.option.expect)
         selected_backends(config)
+        from ssd_pipeline.core.host import cap_summary
+
+        cap_summary()  # an unknown ONEDNN_MAX_CPU_ISA level: one line, before any test
     except UserError as e:
         raise pytest.UsageError(str(e)) from None
     from ssd_pipeline.suite.distributed import World, env_world_size, init_world

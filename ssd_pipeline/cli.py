@@ -22,7 +22,15 @@ from .artifacts.simplify import simplify_onnx
 from .core.cache import ArtifactStore, file_sha256
 from .core.errors import UserError
 from .core.expectations import Expectations
-from .core.host import STACK, default_threads, has_vnni, machine_info, versions
+from .core.host import (
+    STACK,
+    cap_note,
+    cap_summary,
+    default_threads,
+    has_vnni,
+    machine_info,
+    versions,
+)
 from .engine.compile import EngineSpec, cached_engine, cached_engine_dir
 from .model import DEFAULT_CONFIG, ModelSpec
 from .suite.bench import (
@@ -54,6 +62,7 @@ from .suite.report import compare, load_accuracy, update_readme, write_report
 def run_main(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a command body; a :class:`UserError` becomes one line on stderr and exit 2."""
     try:
+        cap_summary()  # an unknown ONEDNN_MAX_CPU_ISA level: refused before anything runs
         return fn(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -149,10 +158,12 @@ def _cases(args: argparse.Namespace) -> list[tuple[str, str]]:
               file=sys.stderr)
         chosen = [b for b in chosen if b != "torch"] or ["tvm"]
     cases = backends.cases(chosen, getattr(args, "engine_precision", None) or args.precisions)
+    if (capped := cap_summary()) is not None:
+        print(f"note: {capped}", file=sys.stderr)
     if any(p == "int8" for _, p in cases) and not has_vnni():
-        print("note: this CPU has no VNNI (avx512_vnni / avx_vnni): int8 weights use 7 bits so "
-              "AVX2's int16 pair sums cannot overflow, and int8 peaks at about 2x fp32 here "
-              "(4x with VNNI)", file=sys.stderr)
+        print(f"note: this CPU has no VNNI{cap_note()} (avx512_vnni / avx_vnni): int8 weights "
+              "use 7 bits so AVX2's int16 pair sums cannot overflow, and int8 peaks at about 2x "
+              "fp32 here (4x with VNNI)", file=sys.stderr)
     if not cases:
         raise UserError(f"none of backends {', '.join(chosen)} runs precision(s) "
                         f"{args.precisions} on this CPU")
@@ -355,7 +366,8 @@ def cmd_roofline(args: argparse.Namespace) -> int:
               f"{c.achievable_gops / c.peak_gops:.2f} |")
     for p in PEAK_KERNELS:
         if p not in ceilings:
-            print(f"{p}: this CPU has none of the instructions its peak is measured with "
+            print(f"{p}: this CPU has none of the instructions its peak is measured with"
+                  f"{cap_note()} "
                   f"({', '.join(sorted(set().union(*(n for _, n in PEAK_KERNELS[p]))))})")
     return 0
 

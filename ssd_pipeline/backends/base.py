@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..core.errors import UserError
-from ..core.host import cpu_flags
+from ..core.host import cap_note, cpu_flags
 
 if TYPE_CHECKING:
     from ..artifacts.chain import ModelArtifacts
@@ -72,7 +72,7 @@ class Backend(ABC):
     def unavailable(self, precision: str) -> str | None:
         """Why this host cannot run ``precision`` (None: it can)."""
         if precision == "bf16" and "avx512_bf16" not in cpu_flags():
-            return "bf16 needs a CPU with avx512_bf16 (this one has none)"
+            return f"bf16 needs a CPU with avx512_bf16 (this one has none{cap_note()})"
         return None
 
     def available_precisions(self) -> tuple[str, ...]:

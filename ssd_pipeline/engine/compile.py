@@ -28,12 +28,12 @@ from typing import Any
 
 from ..core.cache import ArtifactStore, file_sha256
 from ..core.errors import UserError
-from ..core.host import cpu_flags, default_threads, host_cpu
+from ..core.host import cap_note, cpu_flags, default_threads, host_cpu, isa_cap
 from ..core.onnxfile import load_onnx
 from ..core.timing import conv_gop
 
 # Bump when the pass pipeline changes: it is part of every engine's cache key.
-PIPELINE_VERSION = 22
+PIPELINE_VERSION = 23
 ENGINE_FILE = "engine.so"
 META_FILE = "engine.json"
 INPUT_CHW = (3, 300, 300)
@@ -106,7 +106,17 @@ WINOGRAD_BF16_CUTS = {"avx512": (64, 10)}
 # caches, and the shim now runs small-weight Winograd layers per thread (no tile changes
 # cores). The embedded fp32 engine, cut 16 / cut 32, one process, interleaved, paired medians:
 # bs 8 0.964 (shared L3, 52 rounds) and 0.971 (split, 98); bs 1 0.967 (75) and 0.982 (75).
-WINOGRAD_F4_CUTS = {"avx512": (16, 19)}
+# [Eighteenth pass] AVX2, measured on the Zen 4 host capped with ONEDNN_MAX_CPU_ISA=AVX2
+# (oneDNN's AVX2 direct kernels and gemm:jit matmul, the 8-lane transforms; not a native AVX2
+# CPU). The shim called directly, F(4x4) / direct, bs 8 then bs 1: 300x300 64->64 0.49, 0.42;
+# 150x150 128->128 0.43, 0.40; 75x75 256->256 0.38, 0.37; 38x38 512->512 0.49, 0.51; 38x38
+# 32->32 0.70, 0.65; 10x10 128->128 0.63, 0.84. Lost: 5x5 128->128 1.21, 2.18; 3x3 256->256
+# 1.60, 3.12. Inside the embedded engine (profiled per call) F(4x4) against F(2x2): 10x10
+# 128->128 at bs 1 0.29 against 0.14 ms (its u, 2.25x F(2x2)'s, no longer cached between
+# calls), even at bs 8; 19x19 64->64 0.65 at bs 8, 0.9-1.2 at bs 1; 75x75 16->16 (from
+# direct) 0.9-1.2 either way. Whole engines, one process, interleaved, paired medians, this cut
+# against F(2x2) only: SSD300 bs 8 0.78, bs 1 0.68; embedded model bs 8 0.94, bs 1 0.92-0.99.
+WINOGRAD_F4_CUTS = {"avx512": (16, 19), "avx2": (32, 19)}
 # the shim's `compute` argument of its float convolutions: direct float32 or bfloat16,
 # Winograd F(2x2, 3x3) with float32 or bfloat16 products, Winograd F(4x4, 3x3) in float32
 COMPUTE_F32, COMPUTE_BF16, COMPUTE_WINOGRAD, COMPUTE_WINOGRAD_BF16, COMPUTE_WINOGRAD_F4 = range(5)
@@ -154,7 +164,8 @@ class EngineSpec:
         if self.batch is not None and self.batch <= 0:
             raise UserError(f"batch size must be positive, got {self.batch}")
         if (self.target, self.precision) == ("cpu", "bf16") and "avx512_bf16" not in cpu_flags():
-            raise UserError("bf16 needs a CPU with avx512_bf16 (this one has none): use fp32")
+            raise UserError(f"bf16 needs a CPU with avx512_bf16 (this one has none{cap_note()}): "
+                            "use fp32")
         if self.precision == "int8" and (self.calibration is None or offload != "dnnl"):
             raise UserError("an int8 engine needs a calibration record and offload='dnnl' "
                             "(its convolutions are oneDNN int8 primitives)")
@@ -179,6 +190,8 @@ class EngineSpec:
             d.pop("cuda_arch")
         if self.precision != "int8":
             d.pop("calibration")
+        if self.target == "cpu":  # the cap picks oneDNN's kernels, the cuts and the transforms
+            d["max_cpu_isa"] = isa_cap()
         return d | {"tvm_target": str(self.tvm_target().export()) if self.target == "cuda"
                     else f"llvm -mcpu={host_cpu()}", "tvm": version("apache-tvm"),
                     "pipeline": PIPELINE_VERSION}
@@ -233,7 +246,10 @@ def winograd_cuts(tile: int = 2, bf16: bool = False) -> tuple[int, int] | None:
     float32 or (``bf16``) bfloat16 products (``WINOGRAD_CUTS``, ``WINOGRAD_BF16_CUTS``,
     ``WINOGRAD_F4_CUTS``); None where it was not measured to win (F(4x4) at bf16: too
     inexact)."""
-    isa = "avx512" if "avx512f" in cpu_flags() else "avx2"
+    flags = cpu_flags()  # ONEDNN_MAX_CPU_ISA caps them, as it caps oneDNN's kernels
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else None
+    if isa is None:  # the transforms' baseline build: never measured to win
+        return None
     if bf16:
         return WINOGRAD_BF16_CUTS.get(isa) if tile == 2 else None
     return (WINOGRAD_CUTS if tile == 2 else WINOGRAD_F4_CUTS).get(isa)

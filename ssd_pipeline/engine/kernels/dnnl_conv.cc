@@ -31,8 +31,10 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cctype>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -286,15 +288,26 @@ typedef float F8 __attribute__((vector_size(32)));
 
 enum class Isa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
 
-// the widest of them this CPU runs
+// the widest of them this CPU runs, within the cap oneDNN reads (ONEDNN_MAX_CPU_ISA, else
+// DNNL_MAX_CPU_ISA: SSE41 and AVX give the baseline, AVX2* AVX2; the suite's cpu_flags applies
+// the same cap to its own choices), so a capped AVX-512 host runs what an AVX2 one would
 Isa CpuVectorIsa() {
   static const Isa isa = [] {
     __builtin_cpu_init();
+    Isa widest = Isa::kBase;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512cd"))
-      return Isa::kAvx512;
-    return __builtin_cpu_supports("avx2") ? Isa::kAvx2 : Isa::kBase;
+      widest = Isa::kAvx512;
+    else if (__builtin_cpu_supports("avx2"))
+      widest = Isa::kAvx2;
+    const char* cap = std::getenv("ONEDNN_MAX_CPU_ISA");
+    if (cap == nullptr || *cap == '\0') cap = std::getenv("DNNL_MAX_CPU_ISA");
+    std::string c = cap == nullptr ? "" : cap;
+    for (char& ch : c) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+    if (c.rfind("AVX2", 0) == 0) return std::min(widest, Isa::kAvx2);
+    if (c == "SSE41" || c == "AVX") return Isa::kBase;
+    return widest;
   }();
   return isa;
 }

@@ -1,0 +1,123 @@
+"""ONEDNN_MAX_CPU_ISA caps the suite as it caps oneDNN: an AVX-512 host runs, and so tests, the
+engine an AVX2 host would build (oneDNN's AVX2 kernels, the shim's 8-lane Winograd transforms,
+AVX2's Winograd cuts, 7-bit int8 weights, no bf16)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ssd_pipeline.core.errors import UserError
+from ssd_pipeline.core.host import cap_flags
+
+ZEN4 = frozenset({"sse4_1", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+                  "avx512dq", "avx512cd", "avx512_vnni", "avx512_bf16", "avx512vbmi"})
+
+
+@pytest.mark.parametrize(("cap", "gone", "kept"), [
+    ("AVX2", {"avx512f", "avx512bw", "avx512vbmi", "avx512_vnni", "avx512_bf16"},
+     {"avx", "avx2", "fma", "f16c"}),
+    ("avx2", {"avx512f"}, {"avx2"}),  # oneDNN reads the name in any case
+    ("AVX", {"avx2", "fma", "avx512f"}, {"avx", "sse4_1"}),
+    ("AVX512_CORE", {"avx512_vnni", "avx512_bf16"}, {"avx512f", "avx512vbmi", "avx2"}),
+    ("AVX512_CORE_VNNI", {"avx512_bf16"}, {"avx512_vnni", "avx512f"}),
+    ("AVX512_CORE_BF16", set(), {"avx512_bf16", "avx512_vnni"}),
+    ("AVX512_CORE_AMX", set(), {"avx512_bf16"}),
+    ("DEFAULT", set(), set(ZEN4)),
+    (None, set(), set(ZEN4)),
+])
+def test_cap_drops_the_flags_above_it(cap, gone, kept):
+    got = cap_flags(ZEN4, cap)
+    assert not gone & got, gone & got
+    assert kept <= got, kept - got
+    assert got <= ZEN4
+
+
+def test_unknown_cap_is_refused_in_one_line():
+    with pytest.raises(UserError, match=r"ONEDNN_MAX_CPU_ISA=AVX3 is not one of oneDNN's "
+                       r"levels: .*AVX2.*AVX512_CORE_BF16.* or DEFAULT; unset it"):
+        cap_flags(ZEN4, "AVX3")
+
+
+def test_cli_refuses_an_unknown_cap_in_one_line(tmp_path):
+    """Every command checks the cap first, even one that never asks for the CPU's flags."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX3")
+    proc = subprocess.run([sys.executable, "-m", "ssd_pipeline.export", "--weight",
+                           str(tmp_path / "x.pth"), "--output", str(tmp_path / "m.onnx")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ONEDNN_MAX_CPU_ISA=AVX3 is not one of oneDNN's")
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+# run in a child: oneDNN reads the cap once per process, when it first dispatches
+CHILD = """
+import json, sys
+import numpy as np
+from ssd_pipeline.core.cache import ArtifactStore
+from ssd_pipeline.core.expectations import Expectations
+from ssd_pipeline.core.host import cpu_flags, host_cpu
+from ssd_pipeline.engine.compile import winograd_cuts
+from ssd_pipeline.suite.models import resolve_bundle
+
+bundle = resolve_bundle("tiny", Expectations.load(), ArtifactStore(sys.argv[1]))
+runner = bundle.runner("tvm", "fp32")
+x = np.load(sys.argv[2])
+runner.run(x)  # primitives made before the log starts
+shim = runner.engine.shim
+shim.set_verbose(1)
+try:
+    outs = runner.run(x)
+finally:
+    shim.set_verbose(0)
+np.savez(sys.argv[3], *outs)
+print("RESULT " + json.dumps({
+    "vector_isa": int(shim.vector_isa(-1)), "avx512f": "avx512f" in cpu_flags(),
+    "llvm_cpu": host_cpu(), "f4_cuts": winograd_cuts(4), "f2_cuts": winograd_cuts(2),
+    "spec": runner.engine.record["spec"], "winograd": runner.engine.record.get("winograd")}))
+"""
+
+
+def test_avx2_cap_runs_avx2_kernels_with_fp32_parity(store, sample_batch, head_outputs,
+                                                     expectations, tmp_path, capfd):
+    """The embedded model's fp32 engine built and run under ONEDNN_MAX_CPU_ISA=AVX2: oneDNN
+    executes only AVX2 kernels, the transforms run 8 lanes wide, AVX2's cuts pick the Winograd
+    layers (F(4x4) included), and the raw outputs hold fp32 parity with ONNX Runtime."""
+    from ssd_pipeline.core.host import _cpuinfo_flags
+    from ssd_pipeline.engine.compile import WINOGRAD_CUTS, WINOGRAD_F4_CUTS
+    from ssd_pipeline.parity import rel_err
+
+    if "avx512f" not in _cpuinfo_flags():
+        pytest.skip("this CPU has no AVX-512: the AVX2 path is the one every test runs here")
+    np.save(tmp_path / "x.npy", sample_batch.array)
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    env.pop("DNNL_MAX_CPU_ISA", None)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(store.root), str(tmp_path / "x.npy"),
+                           str(tmp_path / "outs.npz")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(next(ln for ln in proc.stdout.splitlines()
+                             if ln.startswith("RESULT "))[7:])
+    assert result["vector_isa"] == 1 and not result["avx512f"]
+    assert result["llvm_cpu"] == "x86-64-v3" and result["spec"]["max_cpu_isa"] == "AVX2"
+    assert tuple(result["f4_cuts"]) == WINOGRAD_F4_CUTS["avx2"]
+    assert tuple(result["f2_cuts"]) == WINOGRAD_CUTS["avx2"]
+    assert result["winograd"]["f4x4_convolutions"] > 0, result["winograd"]
+    lines = [ln.split(",") for ln in proc.stdout.splitlines()
+             if ln.startswith("onednn_verbose,")]
+    isa = [",".join(ln) for ln in lines if "isa:" in ",".join(ln)]
+    assert isa and all("AVX2" in i and "512" not in i for i in isa), isa
+    impls = {ln[4] for ln in lines if len(ln) > 4 and ln[1] == "exec"
+             and ln[3] in ("convolution", "matmul")}
+    assert impls and not [i for i in impls if "512" in i or i.startswith("ref")], impls
+    got = np.load(tmp_path / "outs.npz")
+    ref = head_outputs("tiny", "onnxruntime")
+    limit = expectations.number("parity.fp32.raw_rel_err_max")
+    errs = [rel_err(got[f"arr_{i}"], r) for i, r in enumerate(ref)]
+    assert max(errs) <= limit, errs
+    capfd.readouterr()
