@@ -66,7 +66,7 @@ from ssd_pipeline.engine.compile import winograd_cuts
 from ssd_pipeline.suite.models import resolve_bundle
 
 bundle = resolve_bundle("tiny", Expectations.load(), ArtifactStore(sys.argv[1]))
-runner = bundle.runner("tvm", "fp32")
+runner = bundle.runner("tvm", sys.argv[4])
 x = np.load(sys.argv[2])
 runner.run(x)  # primitives made before the log starts
 shim = runner.engine.shim
@@ -79,15 +79,17 @@ np.savez(sys.argv[3], *outs)
 print("RESULT " + json.dumps({
     "vector_isa": int(shim.vector_isa(-1)), "avx512f": "avx512f" in cpu_flags(),
     "llvm_cpu": host_cpu(), "f4_cuts": winograd_cuts(4), "f2_cuts": winograd_cuts(2),
-    "spec": runner.engine.record["spec"], "winograd": runner.engine.record.get("winograd")}))
+    "record": runner.engine.record}))
 """
 
 
-def test_avx2_cap_runs_avx2_kernels_with_fp32_parity(store, sample_batch, head_outputs,
-                                                     expectations, tmp_path, capfd):
-    """The embedded model's fp32 engine built and run under ONEDNN_MAX_CPU_ISA=AVX2: oneDNN
-    executes only AVX2 kernels, the transforms run 8 lanes wide, AVX2's cuts pick the Winograd
-    layers (F(4x4) included), and the raw outputs hold fp32 parity with ONNX Runtime."""
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_avx2_cap_runs_avx2_kernels(precision, store, sample_batch, head_outputs, expectations,
+                                    tmp_path):
+    """The embedded model's engine built and run under ONEDNN_MAX_CPU_ISA=AVX2: oneDNN executes
+    only AVX2 kernels, and the outputs hold the precision's parity with ONNX Runtime fp32. fp32:
+    the transforms run 8 lanes wide and AVX2's cuts pick the Winograd layers (F(4x4) included);
+    int8: 7-bit weights (no VNNI under the cap), so AVX2's int16 pair sums cannot overflow."""
     from ssd_pipeline.core.host import _cpuinfo_flags
     from ssd_pipeline.engine.compile import WINOGRAD_CUTS, WINOGRAD_F4_CUTS
     from ssd_pipeline.parity import rel_err
@@ -98,26 +100,33 @@ def test_avx2_cap_runs_avx2_kernels_with_fp32_parity(store, sample_batch, head_o
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
     env.pop("DNNL_MAX_CPU_ISA", None)
     proc = subprocess.run([sys.executable, "-c", CHILD, str(store.root), str(tmp_path / "x.npy"),
-                           str(tmp_path / "outs.npz")], env=env, capture_output=True, text=True,
-                          timeout=600)
+                           str(tmp_path / "outs.npz"), precision], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(next(ln for ln in proc.stdout.splitlines()
                              if ln.startswith("RESULT "))[7:])
+    record = result["record"]
     assert result["vector_isa"] == 1 and not result["avx512f"]
-    assert result["llvm_cpu"] == "x86-64-v3" and result["spec"]["max_cpu_isa"] == "AVX2"
-    assert tuple(result["f4_cuts"]) == WINOGRAD_F4_CUTS["avx2"]
-    assert tuple(result["f2_cuts"]) == WINOGRAD_CUTS["avx2"]
-    assert result["winograd"]["f4x4_convolutions"] > 0, result["winograd"]
+    assert result["llvm_cpu"] == "x86-64-v3" and record["spec"]["max_cpu_isa"] == "AVX2"
     lines = [ln.split(",") for ln in proc.stdout.splitlines()
              if ln.startswith("onednn_verbose,")]
     isa = [",".join(ln) for ln in lines if "isa:" in ",".join(ln)]
     assert isa and all("AVX2" in i and "512" not in i for i in isa), isa
-    impls = {ln[4] for ln in lines if len(ln) > 4 and ln[1] == "exec"
-             and ln[3] in ("convolution", "matmul")}
+    compute = [ln for ln in lines if len(ln) > 4 and ln[1] == "exec"
+               and ln[3] in ("convolution", "matmul")]
+    impls = {ln[4] for ln in compute}
     assert impls and not [i for i in impls if "512" in i or i.startswith("ref")], impls
+    if precision == "fp32":
+        assert tuple(result["f4_cuts"]) == WINOGRAD_F4_CUTS["avx2"]
+        assert tuple(result["f2_cuts"]) == WINOGRAD_CUTS["avx2"]
+        assert record["winograd"]["f4x4_convolutions"] > 0, record["winograd"]
+    else:
+        q = record["quantization"]
+        assert q["weight_bits"] == 7, q
+        int8 = [ln for ln in compute if "src_u8" in ",".join(ln)]
+        assert len(int8) == q["int8_convs"] > 0, (len(int8), q)
     got = np.load(tmp_path / "outs.npz")
     ref = head_outputs("tiny", "onnxruntime")
-    limit = expectations.number("parity.fp32.raw_rel_err_max")
+    limit = expectations.number(f"parity.{precision}.raw_rel_err_max")
     errs = [rel_err(got[f"arr_{i}"], r) for i, r in enumerate(ref)]
     assert max(errs) <= limit, errs
-    capfd.readouterr()
