@@ -162,8 +162,8 @@ def _cases(args: argparse.Namespace) -> list[tuple[str, str]]:
         print(f"note: {capped}", file=sys.stderr)
     if any(p == "int8" for _, p in cases) and not has_vnni():
         print(f"note: this CPU has no VNNI{cap_note()} (avx512_vnni / avx_vnni): int8 weights "
-              "use 7 bits so AVX2's int16 pair sums cannot overflow, and int8 peaks at about 2x "
-              "fp32 here (4x with VNNI)", file=sys.stderr)
+              "use 7 bits so vpmaddubsw's int16 pair sums cannot overflow, and int8 peaks at "
+              "about 2x fp32 here (4x with VNNI)", file=sys.stderr)
     if not cases:
         raise UserError(f"none of backends {', '.join(chosen)} runs precision(s) "
                         f"{args.precisions} on this CPU")

@@ -89,7 +89,7 @@ def test_avx2_cap_runs_avx2_kernels(precision, store, sample_batch, head_outputs
     """The embedded model's engine built and run under ONEDNN_MAX_CPU_ISA=AVX2: oneDNN executes
     only AVX2 kernels, and the outputs hold the precision's parity with ONNX Runtime fp32. fp32:
     the transforms run 8 lanes wide and AVX2's cuts pick the Winograd layers (F(4x4) included);
-    int8: 7-bit weights (no VNNI under the cap), so AVX2's int16 pair sums cannot overflow."""
+    int8: 7-bit weights (no VNNI under the cap), so vpmaddubsw's int16 pair sums cannot overflow."""
     from ssd_pipeline.core.host import _cpuinfo_flags
     from ssd_pipeline.engine.compile import WINOGRAD_CUTS, WINOGRAD_F4_CUTS
     from ssd_pipeline.parity import rel_err
