@@ -65,6 +65,10 @@ from ssd_pipeline.core.host import cpu_flags, host_cpu
 from ssd_pipeline.engine.compile import winograd_cuts
 from ssd_pipeline.suite.models import resolve_bundle
 
+if sys.argv[5] == "hybrid":  # the embedded model's 38x38 32->32 layers stay float32
+    import ssd_pipeline.engine.compile as compile_module
+
+    compile_module.INT8_FLOAT_WINOGRAD_CUTS = (32, 38)
 bundle = resolve_bundle("tiny", Expectations.load(), ArtifactStore(sys.argv[1]))
 runner = bundle.runner("tvm", sys.argv[4])
 x = np.load(sys.argv[2])
@@ -83,13 +87,18 @@ print("RESULT " + json.dumps({
 """
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_avx2_cap_runs_avx2_kernels(precision, store, sample_batch, head_outputs, expectations,
-                                    tmp_path):
+@pytest.mark.parametrize(("precision", "variant"), [
+    ("fp32", "plain"), ("int8", "plain"), ("int8", "hybrid")])
+def test_avx2_cap_runs_avx2_kernels(precision, variant, store, sample_batch, head_outputs,
+                                    expectations, tmp_path):
     """The embedded model's engine built and run under ONEDNN_MAX_CPU_ISA=AVX2: oneDNN executes
     only AVX2 kernels, and the outputs hold the precision's parity with ONNX Runtime fp32. fp32:
     the transforms run 8 lanes wide and AVX2's cuts pick the Winograd layers (F(4x4) included);
-    int8: 7-bit weights (no VNNI under the cap), so vpmaddubsw's int16 pair sums cannot overflow."""
+    int8: 7-bit weights (no VNNI under the cap), so vpmaddubsw's int16 pair sums cannot overflow.
+    hybrid: with ``INT8_FLOAT_WINOGRAD_CUTS`` lowered to reach the embedded model's 38x38 layers
+    (its own cut leaves them int8; SSD300's trunk is what it keeps float), they run as float32
+    Winograd between u8 layers, each listed with its reason (a cache of its own: the cut is
+    not part of the engine's key)."""
     from ssd_pipeline.core.host import _cpuinfo_flags
     from ssd_pipeline.engine.compile import WINOGRAD_CUTS, WINOGRAD_F4_CUTS
     from ssd_pipeline.parity import rel_err
@@ -99,8 +108,9 @@ def test_avx2_cap_runs_avx2_kernels(precision, store, sample_batch, head_outputs
     np.save(tmp_path / "x.npy", sample_batch.array)
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
     env.pop("DNNL_MAX_CPU_ISA", None)
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(store.root), str(tmp_path / "x.npy"),
-                           str(tmp_path / "outs.npz"), precision], env=env,
+    root = store.root if variant == "plain" else tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(root), str(tmp_path / "x.npy"),
+                           str(tmp_path / "outs.npz"), precision, variant], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(next(ln for ln in proc.stdout.splitlines()
@@ -125,6 +135,12 @@ def test_avx2_cap_runs_avx2_kernels(precision, store, sample_batch, head_outputs
         assert q["weight_bits"] == 7, q
         int8 = [ln for ln in compute if "src_u8" in ",".join(ln)]
         assert len(int8) == q["int8_convs"] > 0, (len(int8), q)
+        kept = [f for f in q["float_convs"] if "Winograd F(4x4)" in f["reason"]]
+        winograd = record["winograd"] or {}
+        if variant == "hybrid":
+            assert len(kept) == winograd.get("f4x4_convolutions") == 3, (kept, winograd)
+        else:
+            assert not kept and not winograd, (kept, winograd)
     got = np.load(tmp_path / "outs.npz")
     ref = head_outputs("tiny", "onnxruntime")
     limit = expectations.number(f"parity.{precision}.raw_rel_err_max")

@@ -117,6 +117,16 @@ WINOGRAD_BF16_CUTS = {"avx512": (64, 10)}
 # direct) 0.9-1.2 either way. Whole engines, one process, interleaved, paired medians, this cut
 # against F(2x2) only: SSD300 bs 8 0.78, bs 1 0.68; embedded model bs 8 0.94, bs 1 0.92-0.99.
 WINOGRAD_F4_CUTS = {"avx512": (16, 19), "avx2": (32, 19)}
+# An int8 engine on a CPU without VNNI (7-bit weights, int8 at 2x fp32's rate) keeps the
+# convolutions F(4x4) takes with at least this many channels each side and outputs this large
+# (min channels, min side) in float32 Winograd (:func:`float_winograd_reason`). Measured on
+# this Zen 4 capped to AVX2, one process, interleaved, paired medians of time against the
+# all-int8 engine: SSD300 (10 float Winograd layers, conv1_2 to conv4_3 and the 38x38 class
+# head) bs 8 0.867, bs 1 0.945, raw outputs 0.063 from TVM fp32's against 0.090; per layer
+# (bs 8, ms, F(4x4) / int8) 300x300 64->64 127 / 141, 150x150 128->128 114 / 159, 75x75
+# 256->256 114 / 148, 38x38 512->512 141-150 / 146-167, 19x19 512->512 37-39 / 37-39. The
+# embedded model with its three 38x38 32->32 layers float took 1.025 (bs 1) and 1.052 (bs 8).
+INT8_FLOAT_WINOGRAD_CUTS = (64, 38)
 # the shim's `compute` argument of its float convolutions: direct float32 or bfloat16,
 # Winograd F(2x2, 3x3) with float32 or bfloat16 products, Winograd F(4x4, 3x3) in float32
 COMPUTE_F32, COMPUTE_BF16, COMPUTE_WINOGRAD, COMPUTE_WINOGRAD_BF16, COMPUTE_WINOGRAD_F4 = range(5)
@@ -171,7 +181,7 @@ class EngineSpec:
                             "(its convolutions are oneDNN int8 primitives)")
         if self.precision != "int8":
             object.__setattr__(self, "calibration", None)
-        if self.precision not in ("fp32", "bf16") or offload != "dnnl":
+        if offload != "dnnl":  # int8: float32 Winograd layers where there is no VNNI
             object.__setattr__(self, "winograd", False)
 
     def tvm_target(self) -> Any:
@@ -273,6 +283,19 @@ def winograd_tile(attrs: Any, weight_shape: Any, out_shape: Any, bf16: bool) -> 
         if cuts and min(c, o) >= cuts[0] and min(int(d) for d in size) >= cuts[1]:
             return tile
     return None
+
+
+def float_winograd_reason(attrs: Any, weight_shape: Any, out_shape: Any) -> str | None:
+    """Why an int8 engine without VNNI keeps a convolution in float32, or None: Winograd
+    F(4x4) does 2.25 multiplies per output against the direct int8 convolution's 9, at half of
+    int8's rate there, and wins where it is at or above ``INT8_FLOAT_WINOGRAD_CUTS``."""
+    channels, side = INT8_FLOAT_WINOGRAD_CUTS
+    if winograd_tile(attrs, weight_shape, out_shape, False) != 4 or \
+            min(int(weight_shape[0]), int(weight_shape[3])) < channels or \
+            min(int(out_shape[1]), int(out_shape[2])) < side:
+        return None
+    return ("float32 Winograd F(4x4) is faster here than int8 without VNNI (7-bit weights, "
+            "vpmaddubsw at 2x fp32's rate)")
 
 
 def merge_heads(mod: Any) -> tuple[Any, list[tuple[int, int, int]]]:
@@ -796,7 +819,11 @@ def build_engine(onnx_path: str | Path, spec: EngineSpec, out_dir: str | Path,
         mod = to_nhwc(mod)  # the layout every oneDNN rewrite takes
     if spec.precision == "int8":
         cal = _calibration_record(spec, calibration)
-        mod, quantization = int8_convolutions(mod, cal)
+        vnni = int(cal["weight_bits"]) == 8  # 7-bit weights: no VNNI (int8_weight_bits)
+        keep = None if vnni or not spec.winograd else float_winograd_reason
+        mod, quantization = int8_convolutions(mod, cal, keep)
+        if keep is not None:
+            mod = offload_convolutions(mod, False, True)  # what int8 left in float32
         quantization |= {k: cal.get(k) for k in ("method", "num_images", "images_sha256",
                                                  "images_source")}
     elif spec.offload == "dnnl":

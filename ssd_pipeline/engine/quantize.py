@@ -16,6 +16,7 @@ with the scales folded into the call (step 3).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -54,10 +55,14 @@ def _scalar(e: Any) -> float | None:
     return float(e.value.numpy()) if isinstance(e, Constant) else None
 
 
-def int8_convolutions(mod: Any, calibration: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def int8_convolutions(mod: Any, calibration: dict[str, Any],
+                      keep_float: Callable[[Any, Any, Any], str | None] | None = None
+                      ) -> tuple[Any, dict[str, Any]]:
     """Rewrite an NHWC module (:func:`~ssd_pipeline.engine.compile.to_nhwc`, as
     :func:`~ssd_pipeline.engine.compile.offload_convolutions` takes it) for int8; return it
-    with a summary of what ran in which precision."""
+    with a summary of what ran in which precision. ``keep_float(attrs, weight shape, output
+    shape)``: why a convolution should stay a float32 ``conv2d`` (left for the float offload
+    pass), or None to quantize it."""
     import tvm
     from tvm import relax
     from tvm.relax.dpl import is_const, is_op, is_tuple, rewrite_call, wildcard
@@ -80,6 +85,10 @@ def int8_convolutions(mod: Any, calibration: dict[str, Any]) -> tuple[Any, dict[
         entry = convs.get(weight_key(w_ohwi.transpose(WEIGHT_AXES_OHWI_TO_OIHW)))
         reason = "not in the calibration record" if entry is None else entry["float_reason"]
         return entry, reason
+
+    def faster_in_float(m: Any) -> str | None:
+        return keep_float(m[conv].attrs, m[w].ty.shape, m[conv].ty.shape) if keep_float \
+            else None
 
     def int8_call(m: Any, entry: dict[str, Any], relu: bool, dst_highest: float | None,
                   residual: Any = None) -> Any:
@@ -116,6 +125,9 @@ def int8_convolutions(mod: Any, calibration: dict[str, Any]) -> tuple[Any, dict[
             return expr
         is_relu = isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.nn.relu"
         entry, reason = calibrated(m)
+        if reason is None and (faster := faster_in_float(m)) is not None:
+            floats[entry["name"]] = faster
+            return expr  # the float offload pass takes it, with its Winograd and pool fusion
         if reason is not None:
             floats[entry["name"] if entry else f"conv {m[w].value.numpy().shape}"] = reason
             return relax.call_dps_packed(
@@ -130,7 +142,8 @@ def int8_convolutions(mod: Any, calibration: dict[str, Any]) -> tuple[Any, dict[
 
     def fuse_residual(expr: Any, m: Any) -> Any:
         entry, reason = calibrated(m) if supported(m) else (None, "unsupported")
-        if (reason is not None or not entry.get("add_relu_highest")
+        if (reason is not None or faster_in_float(m) is not None
+                or not entry.get("add_relu_highest")
                 or str(m[residual].ty.dtype) != "float32"):
             return expr
         return int8_call(m, entry, True, entry["add_relu_highest"], m[residual])
