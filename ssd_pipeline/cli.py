@@ -416,8 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch", type=int, default=None, help="static batch (default: dynamic)")
     c.add_argument("--offload", default="dnnl", help="cpu: dnnl (oneDNN convolutions) | none")
     c.add_argument("--no-winograd", dest="winograd", action="store_false",
-                   help="fp32: keep every convolution direct (by default the larger 3x3 "
-                   "stride-1 ones run as Winograd F(2x2, 3x3))")
+                   help="keep every convolution direct (by default the larger 3x3 stride-1 "
+                   "ones run as Winograd F(4x4) or F(2x2) at fp32 and bf16, and, on a CPU "
+                   "without VNNI, stay float32 Winograd in an int8 engine)")
     c.add_argument("--cuda-arch", default="sm_90")
     c.add_argument("--output", type=Path, default=None, help="also copy the engine here")
     c.set_defaults(fn=cmd_compile)

@@ -155,8 +155,9 @@ class EngineSpec:
     offload: str = "dnnl"
     cuda_arch: str = "sm_90"
     calibration: str | None = None  # int8: sha256 of the calibration record
-    # fp32/bf16 with oneDNN offload: 3x3 stride-1 convolutions as Winograd F(2x2, 3x3) where
-    # it measured faster (WINOGRAD_CUTS); False keeps every convolution direct
+    # with oneDNN offload: 3x3 stride-1 convolutions as Winograd where it measured faster
+    # (WINOGRAD_CUTS and below; int8 without VNNI: INT8_FLOAT_WINOGRAD_CUTS); False keeps every
+    # convolution direct
     winograd: bool = True
 
     def __post_init__(self) -> None:
