@@ -12,6 +12,11 @@ commutes with a monotone map), so the only float tensors left are those a float 
 Residual blocks (the embedded model): ``relu(conv + shortcut)`` is one call whose add is a
 oneDNN post-op (step 1a); a shortcut that is itself a dequantized u8 tensor is passed as u8
 with the scales folded into the call (step 3).
+
+A convolution the caller's ``keep_float`` names (on CPUs without VNNI, the big layers float32
+Winograd F(4x4) runs faster than int8) is left as a float32 ``conv2d`` for the float offload
+pass; its input is the previous layer's dequantized output and its output is quantized by the
+next int8 layer, as around the first convolution.
 """
 
 from __future__ import annotations
