@@ -79,10 +79,15 @@ def cpu_flags() -> frozenset[str]:
     return _capped(isa_cap())
 
 
+def cap_takes_flags() -> bool:
+    """Whether ONEDNN_MAX_CPU_ISA leaves this process fewer instruction sets than the CPU has."""
+    return cpu_flags() != _cpuinfo_flags()
+
+
 def cap_note() -> str:
     """`` under ONEDNN_MAX_CPU_ISA=<cap>`` where that cap takes flags away, else "": for
     messages that say this CPU lacks an instruction set."""
-    return f" under ONEDNN_MAX_CPU_ISA={isa_cap()}" if cpu_flags() != _cpuinfo_flags() else ""
+    return f" under ONEDNN_MAX_CPU_ISA={isa_cap()}" if cap_takes_flags() else ""
 
 
 def cap_summary() -> str | None:
@@ -124,8 +129,8 @@ def host_cpu() -> str:
     kernels keep to it too."""
     import tvm
 
-    flags = cpu_flags()
-    if flags != _cpuinfo_flags():
+    if cap_takes_flags():
+        flags = cpu_flags()
         return ("x86-64-v4" if "avx512f" in flags else "x86-64-v3" if "avx2" in flags
                 else "x86-64-v2")
     return str(tvm.target.codegen.llvm_get_system_cpu())
