@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 
 from ssd_pipeline.backends.base import Runner
 from ssd_pipeline.data import PreprocessSettings
@@ -148,3 +149,40 @@ def test_a_record_above_the_peak_measures_the_peak_again_before_it_says_so():
     log = SpeedLog(lambda b, p: runner, lambda b: x, settings, 1.0, ceilings=low)
     rec = log.engine_only(*REFERENCE, 1)
     assert low.calls == 1 + PEAK_REMEASURES and rec.peak_fraction > 2
+
+
+def test_an_engine_with_float32_layers_reads_each_precision_against_its_own_ceiling():
+    """An int8 engine runs its stem (and without VNNI its big Winograd layers) in float32:
+    those operations are read against the float32 ceilings, the rest against int8's. The
+    fraction is the time the mix would take at the ceilings over the time it takes; counted
+    all against int8, the same engine read 0.7 GOP at 400 GOP/s, about half of that."""
+    from ssd_pipeline.engine.peak import Ceiling
+    from ssd_pipeline.suite.bench import REFERENCE
+
+    x = np.zeros((1, 3, 300, 300), np.float32)
+    reference, engine = SleepyRunner(0.01), SleepyRunner(0.01)
+    engine.precision = "int8"
+    # 1 GOP per image in the graph; 0.5 of it (direct) runs in float32 as 0.2 (Winograd)
+    engine.info.update({"precision": "int8", "conv_gop_saved_per_image": 0.3,
+                        "float32_convolutions": 3, "float32_direct_gop_per_image": 0.5,
+                        "float32_executed_gop_per_image": 0.2})
+    ceilings = {"fp32": Ceiling("fp32", 1, 200.0, "fma_avx512", 100.0, "fake"),
+                "int8": Ceiling("int8", 1, 800.0, "int8_avx512_vnni", 400.0, "fake")}
+    log = SpeedLog(lambda b, p: reference if (b, p) == REFERENCE else engine, lambda b: x,
+                   BenchSettings(warmup=0, seconds=0.01, min_rounds=3, max_rounds=3), 1.0,
+                   ceilings=lambda: ceilings)
+    rec = log.engine_only("fake", "int8", 1)
+    seconds_at_matmul = 0.5 / 400 + 0.2 / 100  # per image: int8's part, float32's part
+    assert rec.executed_gflop_per_image_by_precision == {"int8": 0.5, "fp32": 0.2}
+    assert rec.executed_gflop_per_image == 0.7
+    assert rec.roofline_fraction == pytest.approx(rec.images_per_s * seconds_at_matmul,
+                                                  rel=1e-3)
+    assert rec.peak_fraction == pytest.approx(rec.roofline_fraction / 2, rel=1e-3)
+    assert rec.achievable_gops == pytest.approx(0.7 / seconds_at_matmul, rel=1e-3)
+    all_int8 = rec.images_per_s * 0.7 / 400
+    assert rec.roofline_fraction > 1.8 * all_int8
+    # one precision: GOP/s over that precision's ceilings, as before
+    ref = log.engine_only(*REFERENCE, 1)
+    assert ref.executed_gflop_per_image_by_precision is None
+    assert ref.roofline_fraction == pytest.approx(ref.images_per_s * 1.0 / 100, rel=1e-3)
+    assert ref.achievable_gops == 100.0

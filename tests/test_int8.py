@@ -70,6 +70,7 @@ def test_int8_kernels_ran(tiny, sample_batch, capfd):
 
 def test_int8_record_states_its_calibration(tiny):
     from ssd_pipeline.core.host import has_vnni
+    from ssd_pipeline.core.timing import conv_gflop_per_image
 
     rec = tiny.runner("tvm", "int8").engine.record
     q = rec["quantization"]
@@ -80,6 +81,12 @@ def test_int8_record_states_its_calibration(tiny):
     # the first convolution reads the signed, normalized image: it stays float32, saying why
     assert [f["reason"] for f in q["float_convs"]] and all(
         "signed" in f["reason"] for f in q["float_convs"])
+    # and its operations are counted apart, for the float32 ceilings (a direct convolution:
+    # executed as counted)
+    f = q["float_gop"]
+    assert f["convolutions"] == len(q["float_convs"])
+    graph = conv_gflop_per_image(str(tiny.artifacts.simplified_onnx_path))
+    assert 0 < f["direct_gop_per_image"] == f["executed_gop_per_image"] < 0.5 * graph
 
 
 def test_int8_drop_on_a_second_split(tiny, select_set, expectations):

@@ -137,6 +137,11 @@ def test_avx2_cap_runs_avx2_kernels(precision, variant, store, sample_batch, hea
         assert len(int8) == q["int8_convs"] > 0, (len(int8), q)
         kept = [f for f in q["float_convs"] if "Winograd F(4x4)" in f["reason"]]
         winograd = record["winograd"] or {}
+        f = q["float_gop"]  # the stem and the float Winograd layers, for fp32's ceilings
+        assert f["convolutions"] == len(q["float_convs"]), (f, q["float_convs"])
+        saved = winograd.get("direct_gop_per_image", 0) - winograd.get("executed_gop_per_image", 0)
+        assert f["direct_gop_per_image"] - f["executed_gop_per_image"] == pytest.approx(
+            saved, abs=1e-3), (f, winograd)
         if variant == "hybrid":
             assert len(kept) == winograd.get("f4x4_convolutions") == 3, (kept, winograd)
         else:

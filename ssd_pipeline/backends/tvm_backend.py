@@ -51,10 +51,14 @@ class TvmRunner(Runner):
             "offload": spec.offload, "engine_batch": spec.batch or "dynamic",
             "engine": str(engine.path), "tvm": tvm.__version__,
             "compile_s": engine.record["compile_s"],
-            **({"int8_weight_bits": engine.record["quantization"]["weight_bits"],
-                "calibration_method": engine.record["quantization"]["method"],
-                "calibration_images": engine.record["quantization"]["num_images"]}
-               if engine.record.get("quantization") else {}),
+            **({"int8_weight_bits": q["weight_bits"],
+                "calibration_method": q["method"],
+                "calibration_images": q["num_images"],
+                # what an int8 engine runs in float32: read against the float32 ceiling
+                "float32_convolutions": q["float_gop"]["convolutions"],
+                "float32_direct_gop_per_image": q["float_gop"]["direct_gop_per_image"],
+                "float32_executed_gop_per_image": q["float_gop"]["executed_gop_per_image"]}
+               if (q := engine.record.get("quantization")) else {}),
             # Winograd does fewer multiplies than the model's direct convolutions: perf records
             # read the engine's GOP/s against the peak by what it executes
             **({"winograd_convolutions": wino["convolutions"],

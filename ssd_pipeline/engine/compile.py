@@ -33,7 +33,7 @@ from ..core.onnxfile import load_onnx
 from ..core.timing import conv_gop
 
 # Bump when the pass pipeline changes: it is part of every engine's cache key.
-PIPELINE_VERSION = 23
+PIPELINE_VERSION = 24
 ENGINE_FILE = "engine.so"
 META_FILE = "engine.json"
 INPUT_CHW = (3, 300, 300)
@@ -722,37 +722,59 @@ def count_ops(mod: Any) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def _float_conv_calls(mod: Any) -> list[tuple[float, float, int | None]]:
+    """(direct GOP, executed GOP, Winograd tile or None) per image of each float convolution
+    the shim runs in ``main``: direct on its in-bounds taps (as ``conv_gflop_per_image``
+    counts), executed as the shim does it (Winograd's products, else the same)."""
+    import tvm
+    from tvm import relax
+
+    from .kernels import CONV2D_NHWC, CONV2D_NHWC_ADD
+
+    found: list[tuple[float, float, int | None]] = []
+
+    def visit(e: Any) -> None:
+        if not (isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op)
+                and e.op.name == "relax.call_dps_packed"
+                and getattr(e.args[0], "global_symbol", None) in (CONV2D_NHWC, CONV2D_NHWC_ADD)):
+            return
+        f = e.args[1].fields
+        o, kh, kw, c = (int(d) for d in f[1].ty.shape)
+        ints = [int(v.value) for v in f[3:COMPUTE_ARG + 1]]
+        hw = (int(f[0].ty.shape[1]), int(f[0].ty.shape[2]))
+        tile = WINOGRAD_TILE.get(ints[-1])
+        # a Winograd call's output may be its fused pool's: its size comes from src and pads
+        out_hw = winograd_out_hw(*hw, ints) if tile else (int(e.ty.shape[1]), int(e.ty.shape[2]))
+        # ints: strides 2, pads 4 (top, left, bottom, right), dilations 2, relu, compute
+        direct = conv_gop(1, hw, out_hw, (kh, kw), c, o, ints[0:2], ints[2:4], ints[6:8])
+        found.append((direct, winograd_gop(*out_hw, c, o, tile) if tile else direct, tile))
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return found
+
+
 def winograd_record(mod: Any) -> dict[str, Any] | None:
     """How many convolutions run as Winograd, and the GOP per image they do against what their
     direct form does (its in-bounds taps, as ``conv_gflop_per_image`` counts). Perf records
     read their GOP/s against the peak by what the engine executes, so a Winograd engine's img/s
     never reads as more than the chip can compute. None when none."""
-    import tvm
-    from tvm import relax
-
-    found: list[tuple[int, int, int, int, int]] = []
-    direct = 0.0
-
-    def visit(e: Any) -> None:
-        if (isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op)
-                and e.op.name == "relax.call_dps_packed" and _is_winograd(e)):
-            f = e.args[1].fields
-            o, _, _, c = (int(d) for d in f[1].ty.shape)
-            tile = WINOGRAD_TILE[int(f[COMPUTE_ARG].value)]
-            ints = [int(v.value) for v in f[3:COMPUTE_ARG + 1]]
-            hw = (int(f[0].ty.shape[1]), int(f[0].ty.shape[2]))
-            out_hw = winograd_out_hw(*hw, ints)
-            found.append((*out_hw, c, o, tile))
-            nonlocal direct
-            direct += conv_gop(1, hw, out_hw, (3, 3), c, o, pads=ints[2:4])
-
-    relax.analysis.post_order_visit(mod["main"], visit)
+    found = [f for f in _float_conv_calls(mod) if f[2]]
     if not found:
         return None
     return {"convolutions": len(found),
-            "f4x4_convolutions": sum(f[-1] == 4 for f in found),
-            "direct_gop_per_image": round(direct, 4),
-            "executed_gop_per_image": round(sum(winograd_gop(*f) for f in found), 4)}
+            "f4x4_convolutions": sum(f[2] == 4 for f in found),
+            "direct_gop_per_image": round(sum(f[0] for f in found), 4),
+            "executed_gop_per_image": round(sum(f[1] for f in found), 4)}
+
+
+def float_conv_record(mod: Any) -> dict[str, Any]:
+    """An int8 engine's float32 convolutions (its stem, whose input is signed; without VNNI
+    the layers float Winograd runs faster) and the GOP per image they do, direct and as
+    executed: perf records read those against the float32 ceiling, the rest against int8's."""
+    found = _float_conv_calls(mod)
+    return {"convolutions": len(found),
+            "direct_gop_per_image": round(sum(f[0] for f in found), 4),
+            "executed_gop_per_image": round(sum(f[1] for f in found), 4)}
 
 
 def _cuda_pipeline(mod: Any, spec: EngineSpec, target: Any) -> tuple[Any, list[str]]:
@@ -838,6 +860,8 @@ def build_engine(onnx_path: str | Path, spec: EngineSpec, out_dir: str | Path,
             mod = bf16_activations(mod)
     ops = count_ops(mod)
     winograd = winograd_record(mod) if spec.winograd else None
+    if quantization is not None:
+        quantization["float_gop"] = float_conv_record(mod)
     bf16_count = bf16_outputs(mod) if spec.precision == "bf16" else None
     refused = None
     if spec.target == "cuda":

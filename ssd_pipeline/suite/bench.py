@@ -88,6 +88,9 @@ class SpeedRecord:
     peak_fraction: float | None = None
     achievable_gops: float | None = None
     roofline_fraction: float | None = None
+    # an engine that runs some convolutions in another precision (int8's float32 stem): what
+    # it executes in each, each read against its own ceilings (the two above are the mix's)
+    executed_gflop_per_image_by_precision: dict[str, float] | None = None
     # ratios are of medians (``images_per_s_median``), and so are the gates that read them: on
     # a shared machine one preempted round of three moved a mean by 40% (CI, SSD300 TVM int8 at
     # batch 32: 7.31 img/s by the mean against 12.0 in a quiet run); img/s stays the
@@ -159,12 +162,26 @@ class SpeedLog:
             self._ceilings = self._ceilings_fn() if self._ceilings_fn else {}
         return self._ceilings
 
-    def _against_ceiling(self, precision: str, gops: float) -> dict[str, float | None]:
-        c = self.ceilings().get(precision)
-        if c is None:
+    def _against_ceiling(self, gop_by_precision: dict[str, float], images_per_s: float
+                         ) -> dict[str, Any]:
+        """Peak and roofline fractions of ``images_per_s`` for an engine that executes
+        ``gop_by_precision`` GOP per image in each precision: the time its operations would
+        take at each precision's ceiling, against the time they take. One precision: GOP/s
+        over the ceiling. Several (an int8 engine's float32 stem, and without VNNI its float32
+        Winograd layers): each read against its own, and the record's ceilings are what the
+        mix would reach (the operations over that time)."""
+        total = sum(gop_by_precision.values())
+        if total <= 0 or not all(p in self.ceilings() for p in gop_by_precision):
             return {}
+
+        def bounds() -> tuple[float, float]:  # seconds per image at the peaks, the matmuls
+            cs = self.ceilings()
+            return (sum(g / cs[p].peak_gops for p, g in gop_by_precision.items()),
+                    sum(g / cs[p].achievable_gops for p, g in gop_by_precision.items()))
+
+        peak_s, matmul_s = bounds()
         for _ in range(PEAK_REMEASURES):
-            above = gops > min(c.peak_gops, c.achievable_gops) * (1 + PEAK_MARGIN)
+            above = images_per_s * max(peak_s, matmul_s) > 1 + PEAK_MARGIN
             if not above or self._ceilings_fn is None:
                 break
             # above the peak or the matmul: measured again before the record says so, since
@@ -173,10 +190,14 @@ class SpeedLog:
             again = self._ceilings_fn()
             self._ceilings = {p: old.best(again[p]) if p in again else old
                               for p, old in self.ceilings().items()}
-            c = self._ceilings[precision]
-        return {"peak_gops": c.peak_gops, "peak_fraction": round(gops / c.peak_gops, 4),
-                "achievable_gops": c.achievable_gops,
-                "roofline_fraction": round(gops / c.achievable_gops, 4)}
+            peak_s, matmul_s = bounds()
+        mixed = ({"executed_gflop_per_image_by_precision":
+                  {p: round(g, 4) for p, g in gop_by_precision.items()}}
+                 if len(gop_by_precision) > 1 else {})
+        return {"peak_gops": round(total / peak_s, 2),
+                "peak_fraction": round(images_per_s * peak_s, 4),
+                "achievable_gops": round(total / matmul_s, 2),
+                "roofline_fraction": round(images_per_s * matmul_s, 4), **mixed}
 
     def reference(self, batch: int) -> SpeedRecord:
         """ONNX Runtime fp32's engine-only record at ``batch`` in this run."""
@@ -202,13 +223,18 @@ class SpeedLog:
             ref, ref_median = r.images_per_s, r.images_per_s_median
         saved = float(runner.info.get("conv_gop_saved_per_image") or 0.0)
         executed = self.gflop_per_image - saved
+        by_precision = {precision: executed}
+        if runner.info.get("float32_convolutions"):  # an int8 engine's float32 layers
+            direct = float(runner.info["float32_direct_gop_per_image"])
+            by_precision = {precision: self.gflop_per_image - direct,
+                            "fp32": float(runner.info["float32_executed_gop_per_image"])}
         rec = self._record("engine-only", runner, stats,
                            gflop_per_image=self.gflop_per_image,
                            gflops=ips * self.gflop_per_image, onnxruntime_images_per_s=ref,
                            onnxruntime_images_per_s_median=ref_median,
                            ratio_vs_onnxruntime=median / ref_median,
                            executed_gflop_per_image=round(executed, 4) if saved else None,
-                           **self._against_ceiling(precision, ips * executed))
+                           **self._against_ceiling(by_precision, ips))
         self.engine_only_records[key] = rec
         return rec
 
