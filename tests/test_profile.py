@@ -98,6 +98,23 @@ def test_profile_sees_every_convolution(backend, bundles, sample_batch):
     assert record["format"] == PROFILE_FORMAT and record["batch"] == BATCH
     table = format_profile(record, top=5)
     assert len([line for line in table.splitlines() if line.startswith("| ")]) >= 5 + 1
+    # TVM's Winograd calls say where their time went; no other row, and no peer, has phases
+    timed = [r for r in rows if "phases_ms" in r]
+    assert [r["index"] for r in timed] == [r["index"] for r in convs
+                                           if r["name"].startswith("Winograd")]
+    assert bool(timed) == (backend == "tvm") and bool(record["winograd"]) == bool(timed)
+    for r in timed:
+        ph = r["phases_ms"]
+        assert ph["products"] > 0 and ph["input_transform"] > 0 and ph["output_transform"] > 0
+        # medians of parts need not sum to the median of the whole: a margin, not an equality
+        assert sum(ph.values()) <= 1.3 * r["ms"] + 0.05, r
+        assert r["products_gops_per_s"] >= r["gops_per_s"]
+    if timed:
+        w = record["winograd"]
+        assert w["calls"] == len(timed) and 0 < w["transforms_share"] < 1
+        assert w["products_ms"] == pytest.approx(sum(r["phases_ms"]["products"] for r in timed),
+                                                 abs=1e-2)
+        assert "Winograd in / products / out ms" in table
 
 
 def test_profile_cli_writes_json(tmp_path, capsys, store):

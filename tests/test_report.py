@@ -65,3 +65,25 @@ def test_report_refusals(tmp_path, capsys, content, needle):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.splitlines()) == 1
+
+
+def test_readme_tables_name_an_engines_mix_of_precisions(tmp_path):
+    """A record whose engine runs some convolutions in another precision (int8's float32 stem)
+    says so under the table: its fractions are not one precision's GOP/s over its ceiling."""
+    from pathlib import Path
+
+    from ssd_pipeline.suite.report import readme_tables
+
+    measured = Path(__file__).resolve().parents[1] / "fixtures" / "measured"
+    data = json.loads((measured / "perf.json").read_text())
+    for b in data["benchmarks"]:
+        info = b.get("extra_info") or {}
+        if (info.get("backend"), info.get("precision")) == ("tvm", "int8"):
+            info["executed_gflop_per_image_by_precision"] = {"int8": 65.3, "fp32": 0.31}
+    perf = tmp_path / "perf.json"
+    perf.write_text(json.dumps(data))
+    text = readme_tables(perf, measured / "accuracy.json")
+    assert ("tvm int8 executes 0.3 GFLOP per image in fp32 and 65.3 GFLOP per image in int8: "
+            "its fractions read each part against its own precision's ceilings.") in text
+    assert "executes 0.3 GFLOP per image in fp32" not in readme_tables(
+        measured / "perf.json", measured / "accuracy.json")

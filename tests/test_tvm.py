@@ -566,6 +566,54 @@ def test_shim_winograd_same_on_one_thread_and_on_each_threads_own_tiles(store, c
     np.testing.assert_allclose(outs[2], outs[1], rtol=0, atol=1e-6 * scale)
 
 
+@pytest.mark.parametrize("compute, shape", [
+    (4, CHUNKED_SMALL_WEIGHTS),  # small transformed weights: each thread on its own tiles
+    (4, (1, 512, 10, 10, 512)),  # 38 MB of them: shared chunks
+    (2, (1, 512, 10, 10, 512))])
+def test_shim_winograd_times_its_phases_only_when_asked(store, compute, shape):
+    """``winograd_timing(1)``: each Winograd call keeps its input transform, products and
+    output transform (seconds, the calling thread's last call); a direct call and a call
+    without timing leave -1, so a profile cannot read an earlier call's phases as its own."""
+    import time
+
+    import numpy as np
+    import tvm
+
+    from ssd_pipeline.engine.kernels import build_shim, load_shim
+
+    mod = load_shim(str(build_shim(store)))
+    n, _, h, w, o = shape
+    args, _ = _random_3x3_call(np.random.default_rng(7), shape)
+    dst = tvm.runtime.tensor(np.zeros((n, h, w, o), np.float32))
+
+    def call(how: int) -> float:
+        t0 = time.perf_counter()
+        mod.conv2d_nhwc(*args, 1, 1, 1, 1, 1, 1, 1, 1, 1, how, dst)
+        return time.perf_counter() - t0
+
+    def phases() -> list[float]:
+        return [mod.winograd_phase(i) for i in range(3)]
+
+    call(compute)  # made and cached untimed
+    assert phases() == [-1.0] * 3
+    mod.winograd_timing(1)
+    try:
+        took = call(compute)
+        got = phases()
+        assert min(got) > 0 and sum(got) <= took, (got, took)
+        call(0)  # direct: no phases of its own
+        assert phases() == [-1.0] * 3
+        call(compute)
+        assert min(phases()) > 0
+    finally:
+        mod.winograd_timing(0)
+    assert phases() == [-1.0] * 3
+    call(compute)
+    assert phases() == [-1.0] * 3
+    with pytest.raises(Exception, match="phase must be 0, 1 or 2"):
+        mod.winograd_phase(3)
+
+
 @pytest.mark.parametrize("compute, act", [(2, "float32"), (4, "float32"), (3, "float32"),
                                           (3, "bfloat16")])
 @pytest.mark.parametrize("h, w, ceil_mode", [(13, 11, True), (13, 11, False), (16, 12, False)])

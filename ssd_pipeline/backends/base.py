@@ -36,6 +36,9 @@ class OpTime:
     # 2x2 output tile instead of 36), a direct convolution's in-bounds taps
     # (core.timing.conv_gop); else the profile counts every output element times its kernel
     executed_gop: float | None = None
+    # a Winograd convolution's phases, ms (medians like ``ms``): input transform, products
+    # (oneDNN's matmul), output transform; where its threads run apart, their mean
+    phases_ms: tuple[float, float, float] | None = None
 
 
 class Runner(ABC):

@@ -109,7 +109,8 @@ class TvmRunner(Runner):
     def profile(self, batch: np.ndarray, rounds: int) -> list[OpTime]:
         """Per call of the Relax VM (its instrument hook, called around every Call
         instruction): generated kernels, oneDNN convolutions, and the VM's own builtins
-        (allocation, shape bookkeeping) folded into one row."""
+        (allocation, shape bookkeeping) folded into one row. The shim's Winograd calls also
+        time their input transform, products and output transform (``OpTime.phases_ms``)."""
         import statistics
         import time
 
@@ -124,8 +125,10 @@ class TvmRunner(Runner):
         int8 = (CONV2D_NHWC_INT8, CONV2D_NHWC_INT8_ADD)
 
         self.run(batch)  # warm: oneDNN creates its primitives on the first call
-        runs: list[list[tuple[str, float, list[tuple[int, ...]], list[int]]]] = []
+        runs: list[list[tuple[str, float, list[tuple[int, ...]], list[int], list[float]]]] = []
         started: list[float] = []
+        shim = self.engine.shim  # its Winograd calls time their phases while profiled
+        float_conv = (CONV2D_NHWC, CONV2D_NHWC_ADD)
 
         def instrument(func: object, symbol: str, before: bool, ret: object, *args: object
                        ) -> int:
@@ -140,23 +143,31 @@ class TvmRunner(Runner):
                     ints = [int(a) for a in args if isinstance(a, int)]
                 else:
                     shapes, ints = [], []
-                runs[-1].append((str(symbol), took, shapes, ints))
+                # read after `took`: the shim's three calls are not in the timings
+                phases = ([shim.winograd_phase(k) for k in range(3)]
+                          if shim is not None and str(symbol) in float_conv else [])
+                runs[-1].append((str(symbol), took, shapes, ints, phases))
             return 0  # VMInstrumentReturnKind.NO_OP: go on as usual
 
         self.engine.vm.set_instrument(instrument)
+        if shim is not None:
+            shim.winograd_timing(1)
         try:
             for _ in range(rounds):
                 runs.append([])
                 self.run(batch)
         finally:
             self.engine.vm.set_instrument(None)
+            if shim is not None:
+                shim.winograd_timing(0)
         builtin = [sum(c[1] for c in run if c[0].startswith("vm.builtin.")) for run in runs]
         calls = [[c for c in run if not c[0].startswith("vm.builtin.")] for run in runs]
         if len({len(c) for c in calls}) != 1:
             raise RuntimeError("the VM ran a different number of calls in profiled runs")
         out = []
-        for i, (symbol, _, shapes, ints) in enumerate(calls[0]):
+        for i, (symbol, _, shapes, ints, phases) in enumerate(calls[0]):
             ms = statistics.median(run[i][1] for run in calls) * 1e3
+            timed = bool(phases) and phases[0] >= 0  # a Winograd call
             conv = symbol in (CONV2D_NHWC, CONV2D_NHWC_ADD, *int8)
             name = conv_label(shapes[1], ints) if conv else symbol
             if symbol in int8:
@@ -175,7 +186,9 @@ class TvmRunner(Runner):
                                     ints[2:4], ints[6:8])
             out.append(OpTime(i, name, "conv" if conv else symbol.rstrip("0123456789_"),
                               ms, tuple(shapes[:-1]), shapes[-1] if shapes else None,
-                              shapes[1] if conv else None, executed))
+                              shapes[1] if conv else None, executed,
+                              tuple(statistics.median(run[i][4][k] for run in calls) * 1e3
+                                    for k in range(3)) if timed else None))
         out.append(OpTime(len(out), "vm.builtin.* (allocation, shapes)", "vm.builtin",
                           statistics.median(builtin) * 1e3))
         return out

@@ -54,7 +54,8 @@ def profile_runner(runner: Runner, first: np.ndarray, batch: int, rounds: int,
                      "input_shapes": [list(s) for s in op.input_shapes],
                      "output_shape": list(op.output_shape) if op.output_shape else None,
                      "gop": round(gop, 4) if gop is not None else None,
-                     "gops_per_s": round(gop / (op.ms / 1e3), 2) if gop and op.ms else None})
+                     "gops_per_s": round(gop / (op.ms / 1e3), 2) if gop and op.ms else None,
+                     **_phases(op, gop)})
     by_op: dict[str, dict[str, float]] = {}
     for r in rows:
         agg = by_op.setdefault(r["op"], {"calls": 0, "ms": 0.0})
@@ -73,8 +74,41 @@ def profile_runner(runner: Runner, first: np.ndarray, batch: int, rounds: int,
         "by_op": {k: {"calls": int(v["calls"]), "ms": round(v["ms"], 3),
                       "share": round(v["ms"] / total, 5) if total else None}
                   for k, v in sorted(by_op.items(), key=lambda kv: -kv[1]["ms"])},
-        "rows": rows, "model": model, "machine": machine_info(),
+        "winograd": _winograd_summary(rows, total), "rows": rows, "model": model,
+        "machine": machine_info(),
     }
+
+
+PHASES = ("input_transform", "products", "output_transform")
+
+
+def _phases(op: OpTime, gop: float | None) -> dict[str, Any]:
+    """A Winograd row's phases: ms each, and its products' GOP/s (the whole row's GOP is
+    theirs: the transforms only add and scale)."""
+    if op.phases_ms is None:
+        return {}
+    ms = dict(zip(PHASES, op.phases_ms, strict=True))
+    return {"phases_ms": {k: round(v, 4) for k, v in ms.items()},
+            "products_gops_per_s": round(gop / (ms["products"] / 1e3), 2)
+            if gop and ms["products"] > 0 else None}
+
+
+def _winograd_summary(rows: list[dict[str, Any]], total_ms: float) -> dict[str, Any] | None:
+    """Where a Winograd engine's time goes: its calls' phases summed, the products' GOP/s (to
+    hold against ``ssd-pipeline roofline``'s matmul) and the transforms' share of the whole
+    profiled time, the part no faster matmul can take away. None without timed phases."""
+    timed = [r for r in rows if "phases_ms" in r]
+    if not timed:
+        return None
+    ms = {k: sum(r["phases_ms"][k] for r in timed) for k in PHASES}
+    gop = sum(r["gop"] or 0.0 for r in timed)
+    transforms = ms["input_transform"] + ms["output_transform"]
+    return {"calls": len(timed), **{f"{k}_ms": round(v, 3) for k, v in ms.items()},
+            "calls_ms": round(sum(r["ms"] for r in timed), 3),
+            "products_gop": round(gop, 3),
+            "products_gops_per_s": round(gop / (ms["products"] / 1e3), 2)
+            if ms["products"] > 0 else None,
+            "transforms_share": round(transforms / total_ms, 4) if total_ms else None}
 
 
 def format_profile(record: dict[str, Any], top: int) -> str:
@@ -85,14 +119,27 @@ def format_profile(record: dict[str, Any], top: int) -> str:
             f" ms); convolutions {r['conv_ms']:.1f} ms = "
             f"{r['conv_ms'] / r['profiled_total_ms']:.0%}"
             + (f" at {r['conv_gops_per_s']:.0f} GOP/s" if r["conv_gops_per_s"] else ""))
-    out = [head, "", "| # | operation | kind | output | ms | share | GOP/s |",
-           "|---|---|---|---|---|---|---|"]
+    w = r.get("winograd")
+    if w:
+        head += (f"\nWinograd, {w['calls']} calls of {w['calls_ms']:.1f} ms: products "
+                 f"{w['products_ms']:.1f} ms"
+                 + (f" at {w['products_gops_per_s']:.0f} GOP/s" if w["products_gops_per_s"]
+                    else "")
+                 + f", transforms {w['input_transform_ms']:.1f} ms in + "
+                 f"{w['output_transform_ms']:.1f} ms out = {w['transforms_share']:.0%} of the "
+                 "profiled time (compare the products with `ssd-pipeline roofline`'s matmul)")
+    out = [head, "", "| # | operation | kind | output | ms | share | GOP/s |"
+           + (" Winograd in / products / out ms |" if w else ""),
+           "|---|---|---|---|---|---|---|" + ("---|" if w else "")]
     for row in r["rows"][:top]:
         shape = "x".join(map(str, row["output_shape"])) if row["output_shape"] else ""
         gops = f"{row['gops_per_s']:.0f}" if row["gops_per_s"] else ""
         name = row["name"] if len(row["name"]) <= 60 else "..." + row["name"][-57:]
+        ph = row.get("phases_ms")
+        phases = (" " + " / ".join(f"{ph[k]:.1f}" for k in PHASES) + " |" if ph
+                  else " |") if w else ""
         out.append(f"| {row['index']} | {name} | {row['op']} | {shape} | "
-                   f"{row['ms']:.2f} | {row['share']:.1%} | {gops} |")
+                   f"{row['ms']:.2f} | {row['share']:.1%} | {gops} |{phases}")
     out += ["", "| kind | calls | ms | share |", "|---|---|---|---|"]
     out += [f"| {k} | {v['calls']} | {v['ms']:.2f} | {v['share']:.1%} |"
             for k, v in r["by_op"].items()]

@@ -361,6 +361,15 @@ def readme_tables(perf_json: Path, accuracy_json: Path) -> str:
         out += ["", "GFLOP/s counts every convolution as direct; " + "; ".join(
             f"{b} {p} runs {how(n, f4)} and executes {ex:.1f} GFLOP per image, which its peak "
             "and matmul fractions read" for b, p, ex, n, f4 in fewer) + "."]
+    mixed = sorted({(r["backend"], r["precision"],
+                     tuple(sorted(r["executed_gflop_per_image_by_precision"].items())))
+                    for r in rows if r.get("executed_gflop_per_image_by_precision")})
+    if mixed:
+        out += ["", "; ".join(
+            f"{b} {p} executes " + " and ".join(f"{g:.1f} GFLOP per image in {q}"
+                                                for q, g in split)
+            for b, p, split in mixed)
+            + ": its fractions read each part against its own precision's ceilings."]
     ceilings = next((r["ceilings"] for r in rows if r.get("ceilings")), None)
     if ceilings:
         out += ["", "This run's ceilings (`ssd_pipeline/engine/peak.py`, same threads): "

@@ -686,6 +686,12 @@ __attribute__((always_inline)) inline void WinoOutputAny(
 // (+ residual, float or bfloat16 bits), ReLU (and the 2x2 max pool)
 PER_ISA(WinoOutput, WINO_OUTPUT_T, WINO_OUTPUT_ARGS, WINO_OUTPUT_PASS)
 
+// Profiling (winograd_timing): each Winograd call times its three phases, and the calling
+// thread keeps the last call's (input transform, products, output transform), in seconds of
+// wall time; per thread (below), the mean of the threads' own. Off, a call reads one flag.
+std::atomic<bool> g_phase_timing{false};
+thread_local std::array<double, 3> t_last_phases{-1.0, -1.0, -1.0};
+
 // Bytes of the transformed weights u = G g G^T of an F(m x m, 3x3) convolution, c -> o, and
 // the most that counts as small: a quarter of a Zen 4 L3, so that it stays cached between chunks
 int64_t UBytes(int m, int64_t c, int64_t o, bool bf16) {
@@ -836,6 +842,7 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
                      Fingerprint(static_cast<const float*>(weight.data_ptr()), weight.numel()),
                      [&] { return MakeWino(weight, tiles, bf16, mt, threads, per_thread); });
   const int64_t tc = wino->tc;
+  const bool timed = g_phase_timing.load(std::memory_order_relaxed);
   // a residual in float32 or in bfloat16 (a bfloat16 engine's activation)
   const bool res_bf16 = residual != nullptr && IsBf16(*residual);
   const float* res = residual != nullptr && !res_bf16
@@ -884,6 +891,7 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
     // then costs 8-11x a read of one's own, and the shared chunks below (tiles transformed by
     // one thread, multiplied by the other) ran the embedded model's fp32 engine 1.4x slower.
     // Only where u is small: each thread streams all of u per chunk, not its half.
+    std::array<double, 3> phases{};  // with timing: the threads' mean per phase
 #pragma omp parallel
     {
       const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
@@ -893,15 +901,28 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
       dnnl::memory v_m = buf.Tiles(np, tc, c, bf16), m_m = buf.Products(np, tc, o);
       dnnl::memory s_m({{std::max<int64_t>(wino->scratch, 1)}, dt::u8, tag::a}, eng,
                        buf.scratch.data());
+      std::array<double, 4> at{}, mine{};
       for (int64_t t0 = lo; t0 < hi; t0 += tc) {
         const int64_t count = std::min(tc, hi - t0);
+        if (timed) at[0] = omp_get_wtime();
         input(buf, t0, 0, count);
+        if (timed) at[1] = omp_get_wtime();
         wino->matmul.execute(ts, {{DNNL_ARG_SRC, v_m}, {DNNL_ARG_WEIGHTS, wino->u},
                                   {DNNL_ARG_DST, m_m}, {DNNL_ARG_SCRATCHPAD, s_m}});
         ts.wait();
+        if (timed) at[2] = omp_get_wtime();
         output(buf, t0, 0, count);
+        if (timed) {
+          at[3] = omp_get_wtime();
+          for (int i = 0; i < 3; ++i) mine[i] += at[i + 1] - at[i];
+        }
+      }
+      if (timed) {
+#pragma omp critical(ssd_wino_phases)
+        for (int i = 0; i < 3; ++i) phases[i] += mine[i] / nt;
       }
     }
+    if (timed) t_last_phases = phases;
     return;
   }
   // the calling thread's buffers (engines may run on several threads at once), bound here:
@@ -909,14 +930,24 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
   WinoBuffers& buf = Buffers(np, tc, c, o, bf16, 0);
   dnnl::stream& s = Stream();
   dnnl::memory v_m = buf.Tiles(np, tc, c, bf16), m_m = buf.Products(np, tc, o);
+  std::array<double, 4> at{};
+  std::array<double, 3> phases{};
   for (int64_t t0 = 0; t0 < tiles; t0 += tc) {
+    if (timed) at[0] = omp_get_wtime();
     ParallelRange(tc, [&](int64_t lo, int64_t hi) { input(buf, t0, lo, hi); });
+    if (timed) at[1] = omp_get_wtime();
     wino->matmul.execute(s, {{DNNL_ARG_SRC, v_m}, {DNNL_ARG_WEIGHTS, wino->u},
                              {DNNL_ARG_DST, m_m}});
     s.wait();
+    if (timed) at[2] = omp_get_wtime();
     ParallelRange(std::min(tc, tiles - t0),
                   [&](int64_t lo, int64_t hi) { output(buf, t0, lo, hi); });
+    if (timed) {
+      at[3] = omp_get_wtime();
+      for (int i = 0; i < 3; ++i) phases[i] += at[i + 1] - at[i];
+    }
   }
+  if (timed) t_last_phases = phases;
 }
 
 // conv2d_nhwc(src NHWC, weight OHWI, bias (O), strides, pads (top, left, bottom, right),
@@ -932,6 +963,7 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
 void RunF32(TensorView src, TensorView weight, TensorView bias, const TensorView* residual,
             int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t dh,
             int64_t dw, int64_t relu, int64_t compute, TensorView dst) {
+  if (g_phase_timing.load(std::memory_order_relaxed)) t_last_phases = {-1.0, -1.0, -1.0};
   const bool bf16_ok = compute == 1 || compute == 3;  // bfloat16 activations in and out
   CheckFloat(src, "src", 4, bf16_ok);
   CheckF32(weight, "weight", 4);
@@ -1297,6 +1329,20 @@ int64_t SetVectorIsa(int64_t level) {
 // test see which implementation ran each primitive.
 void SetVerbose(int64_t level) { dnnl::set_verbose(static_cast<int>(level)); }
 
+// winograd_timing(on): Winograd calls time their phases from now on (1) or no longer (0)
+void SetWinogradTiming(int64_t on) {
+  g_phase_timing.store(on != 0, std::memory_order_relaxed);
+  t_last_phases = {-1.0, -1.0, -1.0};
+}
+
+// winograd_phase(i): the calling thread's last float convolution call's phase i (0 input
+// transform, 1 products, 2 output transform) in seconds; -1 where that call was not Winograd
+// or ran without timing
+double WinogradPhase(int64_t i) {
+  TVM_FFI_ICHECK(i >= 0 && i < 3) << "phase must be 0, 1 or 2, got " << i;
+  return t_last_phases[i];
+}
+
 void ClearCache() {
   std::lock_guard<std::mutex> lock(g_mu);
   CacheOf<Conv>().clear();
@@ -1317,3 +1363,5 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(clear_cache, ClearCache);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(set_num_threads, SetNumThreads);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(vector_isa, SetVectorIsa);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(set_verbose, SetVerbose);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(winograd_timing, SetWinogradTiming);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(winograd_phase, WinogradPhase);
