@@ -186,3 +186,28 @@ def test_an_engine_with_float32_layers_reads_each_precision_against_its_own_ceil
     assert ref.executed_gflop_per_image_by_precision is None
     assert ref.roofline_fraction == pytest.approx(ref.images_per_s * 1.0 / 100, rel=1e-3)
     assert ref.achievable_gops == 100.0
+
+
+def test_under_a_cap_a_backend_that_ignores_it_gets_no_capped_fractions(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA caps oneDNN and this suite, not ONNX Runtime's MLAS: its int8 read
+    1.07x an AVX2-capped peak, which within_peak would have failed. Its records say why they
+    have no fractions; a backend that keeps to the cap still gets them."""
+    import ssd_pipeline.suite.bench as bench
+    from ssd_pipeline.engine.peak import Ceiling
+    from ssd_pipeline.suite.bench import REFERENCE
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setattr(bench, "cap_takes_flags", lambda: True)  # as on an AVX-512 host
+    x = np.zeros((1, 3, 300, 300), np.float32)
+    mlas, capped = SleepyRunner(0.01), SleepyRunner(0.01)
+    mlas.follows_isa_cap = False
+    ceilings = {"fp32": Ceiling("fp32", 1, 20.0, "fma_avx2", 20.0, "fake")}  # below both
+    log = SpeedLog(lambda b, p: mlas if (b, p) == REFERENCE else capped, lambda b: x,
+                   BenchSettings(warmup=0, seconds=0.01, min_rounds=3, max_rounds=3), 1.0,
+                   ceilings=lambda: ceilings)
+    ref = log.engine_only(*REFERENCE, 1)
+    assert ref.peak_fraction is None and ref.roofline_fraction is None
+    assert "does not keep to the cap" in ref.ceiling_note
+    assert "ONEDNN_MAX_CPU_ISA" in ref.ceiling_note
+    rec = log.engine_only("fake", "fp32", 1)
+    assert rec.ceiling_note is None and rec.peak_fraction > 1

@@ -44,6 +44,10 @@ class OpTime:
 class Runner(ABC):
     """A prepared model on one backend."""
 
+    # whether its kernels keep to ONEDNN_MAX_CPU_ISA (oneDNN's, and ours, read it): a capped
+    # run's ceilings do not bound one that does not
+    follows_isa_cap = True
+
     def __init__(self, backend: str, precision: str, threads: int, output_names: list[str],
                  info: dict[str, Any] | None = None) -> None:
         self.backend = backend

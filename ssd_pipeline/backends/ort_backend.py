@@ -32,6 +32,8 @@ def session_options(threads: int, profile_prefix: str | None = None) -> Any:
 
 
 class OrtRunner(Runner):
+    follows_isa_cap = False  # MLAS picks its kernels from the CPU itself
+
     def __init__(self, path: str, threads: int, precision: str = "fp32") -> None:
         import onnxruntime as ort
 

@@ -98,7 +98,9 @@ def cap_summary() -> str | None:
     cpu_flags()  # an unknown level is refused here, before anything runs
     return (f"ONEDNN_MAX_CPU_ISA={cap}: oneDNN (the TVM engine's convolutions, OpenVINO's, "
             "PyTorch's) and this suite's own kernel choices keep to it; ONNX Runtime's kernels "
-            "do not read it, so ratios to ONNX Runtime set the cap against this CPU's widest")
+            "do not read it, so ratios to ONNX Runtime set the cap against this CPU's widest"
+            + (" (and its speed records carry no fractions of the capped ceilings)"
+               if cap_takes_flags() else ""))
 
 
 def cpu_model() -> str:
