@@ -18,6 +18,8 @@ from ..core.host import machine_info
 from .bench import tile_batch
 
 PROFILE_FORMAT = "ssd_pipeline.profile/1"
+# a Winograd call's phases, as the shim times them (``OpTime.phases_ms``)
+PHASES = ("input_transform", "products", "output_transform")
 
 
 def conv_gop(op: OpTime) -> float | None:
@@ -79,9 +81,6 @@ def profile_runner(runner: Runner, first: np.ndarray, batch: int, rounds: int,
     }
 
 
-PHASES = ("input_transform", "products", "output_transform")
-
-
 def _phases(op: OpTime, gop: float | None) -> dict[str, Any]:
     """A Winograd row's phases: ms each, and its products' GOP/s (the whole row's GOP is
     theirs: the transforms only add and scale)."""
@@ -135,9 +134,10 @@ def format_profile(record: dict[str, Any], top: int) -> str:
         shape = "x".join(map(str, row["output_shape"])) if row["output_shape"] else ""
         gops = f"{row['gops_per_s']:.0f}" if row["gops_per_s"] else ""
         name = row["name"] if len(row["name"]) <= 60 else "..." + row["name"][-57:]
-        ph = row.get("phases_ms")
-        phases = (" " + " / ".join(f"{ph[k]:.1f}" for k in PHASES) + " |" if ph
-                  else " |") if w else ""
+        phases = ""
+        if w:  # a column only Winograd rows fill
+            ph = row.get("phases_ms")
+            phases = (" " + " / ".join(f"{ph[k]:.1f}" for k in PHASES) if ph else "") + " |"
         out.append(f"| {row['index']} | {name} | {row['op']} | {shape} | "
                    f"{row['ms']:.2f} | {row['share']:.1%} | {gops} |{phases}")
     out += ["", "| kind | calls | ms | share |", "|---|---|---|---|"]
