@@ -192,12 +192,16 @@ def test_under_a_cap_a_backend_that_ignores_it_gets_no_capped_fractions(monkeypa
     """ONEDNN_MAX_CPU_ISA caps oneDNN and this suite, not ONNX Runtime's MLAS: its int8 read
     1.07x an AVX2-capped peak, which within_peak would have failed. Its records say why they
     have no fractions; a backend that keeps to the cap still gets them."""
+    import ssd_pipeline.core.host as host
     import ssd_pipeline.suite.bench as bench
     from ssd_pipeline.engine.peak import Ceiling
     from ssd_pipeline.suite.bench import REFERENCE
 
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    monkeypatch.setattr(bench, "cap_takes_flags", lambda: True)  # as on an AVX-512 host
+    # as on an AVX-512 host, where the cap takes flags away; both where the record's fractions
+    # are decided and where its note is written (an AVX2 host's cap takes none)
+    monkeypatch.setattr(bench, "cap_takes_flags", lambda: True)
+    monkeypatch.setattr(host, "cap_takes_flags", lambda: True)
     x = np.zeros((1, 3, 300, 300), np.float32)
     mlas, capped = SleepyRunner(0.01), SleepyRunner(0.01)
     mlas.follows_isa_cap = False
