@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,23 @@ def test_perf_under_xdist_is_a_usage_error_and_plain_n_deselects_it():
                            text=True, timeout=300, env=child_env())
     assert "perf tests are deselected under -n" in plain.stdout, plain.stdout[-2000:]
     assert "test_engine_only" not in plain.stdout, plain.stdout[-2000:]
+
+
+def test_a_plain_run_times_batches_1_and_8_and_perf_by_name_adds_32():
+    """The default run is CI's and must fit its time on a slow host: its speed tests take
+    batch 1 and 8; -m perf (the README's table) adds 32; --perf-batches wins over both."""
+    base = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q",
+            "tests/test_perf.py", "-k", "test_engine_only and onnxruntime-fp32"]
+
+    def batches(*extra: str) -> list[str]:
+        out = subprocess.run([*base, *extra], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300, env=child_env())
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        return sorted(re.findall(r"\[(bs\d+)-", out.stdout))
+
+    assert batches() == ["bs1", "bs8"]
+    assert batches("-m", "perf") == ["bs1", "bs32", "bs8"]
+    assert batches("--perf-batches", "2") == ["bs2"]
 
 
 def test_runs_sharing_a_records_dir_keep_their_own_records(tmp_path):
