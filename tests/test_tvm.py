@@ -122,13 +122,15 @@ def test_every_convolution_is_offloaded(model_name, bundles):
 def test_winograd_runs_where_it_measured_faster(model_name, precision, bundles):
     """Exactly the 3x3 stride-1 convolutions at or above this CPU's measured cuts for the
     precision (fp32: ``WINOGRAD_F4_CUTS`` for F(4x4, 3x3), else ``WINOGRAD_CUTS`` for F(2x2,
-    3x3); bf16: ``WINOGRAD_BF16_CUTS``, F(2x2) only; int8: none; a level's merged heads as one
-    convolution) are Winograd calls, and the engine record counts the GOP they execute
-    against their direct form (what the perf records' peak fractions read)."""
+    3x3); bf16: ``WINOGRAD_BF16_CUTS``, F(2x2) only; int8: none with VNNI, without it the
+    F(4x4) ones at or above ``INT8_FLOAT_WINOGRAD_CUTS`` too, which stay float32; a level's
+    merged heads as one convolution) are Winograd calls, and the engine record counts the GOP
+    they execute against their direct form (what the perf records' peak fractions read)."""
     import onnx
 
+    from ssd_pipeline.core.host import has_vnni
     from ssd_pipeline.core.timing import conv_gflop_per_image, conv_gop
-    from ssd_pipeline.engine.compile import winograd_cuts, winograd_gop
+    from ssd_pipeline.engine.compile import INT8_FLOAT_WINOGRAD_CUTS, winograd_cuts, winograd_gop
     from ssd_pipeline.engine.kernels import CONV2D_NHWC, CONV2D_NHWC_ADD
     from ssd_pipeline.engine.patterns import OC_BLOCK
 
@@ -138,10 +140,11 @@ def test_winograd_runs_where_it_measured_faster(model_name, precision, bundles):
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in [*model.graph.input, *model.graph.value_info, *model.graph.output]}
     weights = {i.name: list(i.dims) for i in model.graph.initializer}
-    # a head group is one convolution with the group's output channels
+    # a float engine's head group is one convolution with the group's output channels (an
+    # int8 engine keeps its heads apart)
     width = {n.output[0]: weights[n.input[1]][0] for n in model.graph.node
              if n.op_type == "Conv"}
-    for g in head_groups(model.graph):
+    for g in head_groups(model.graph) if precision != "int8" else ():
         total = sum(width.pop(name) for name in g)
         width[g[0]] = total + -total % OC_BLOCK
     tiles: list[int] = []
@@ -157,8 +160,11 @@ def test_winograd_runs_where_it_measured_faster(model_name, precision, bundles):
                 and a.get("dilations", [1, 1]) == [1, 1]
                 and set(a.get("pads", [0] * 4)) <= {0, 1} and a.get("group", 1) == 1):
             continue
-        for tile in (4, 2) if precision != "int8" else ():
+        for tile in (4, 2) if precision != "int8" else () if has_vnni() else (4,):
             cuts = winograd_cuts(tile, precision == "bf16")
+            if precision == "int8" and cuts:  # float32 layers of an int8 engine without VNNI
+                cuts = tuple(max(a, b) for a, b in zip(cuts, INT8_FLOAT_WINOGRAD_CUTS,
+                                                               strict=True))
             if cuts and min(c, o) >= cuts[0] and min(oh, ow) >= cuts[1]:
                 tiles.append(tile)
                 executed += winograd_gop(oh, ow, c, o, tile)
