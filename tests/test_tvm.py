@@ -779,8 +779,12 @@ def test_shim_max_pool_and_permute_equal_torch(store, dtype, k, stride, pad, cei
     import torch
     import tvm
 
+    from ssd_pipeline.core.host import cpu_flags
     from ssd_pipeline.engine.kernels import build_shim, load_shim
 
+    if dtype == "bfloat16" and "avx512_bf16" not in cpu_flags():
+        # oneDNN 3.2 has no bfloat16 pooling there (no descriptor), and no bf16 engine runs
+        pytest.skip("bfloat16 pooling (the bf16 engines') needs avx512_bf16 (this CPU has none)")
     mod = load_shim(str(build_shim(store)))
     rng = np.random.default_rng(k * 10 + stride)
     if dtype == "bfloat16":  # the bf16 engine's activations (integers below 256 are exact)
