@@ -730,7 +730,12 @@ std::shared_ptr<Wino> MakeWino(const TensorView& weight, int64_t tiles, bool bf1
   // time with 32 MB chunks; 1 MB: 0.72). A larger u is read from memory once per chunk, so 32 MB
   // chunks (38x38 512->512, u 38 MB: 2 MB chunks 1.17x the time; on AVX2 8 MB chunks ran the
   // matmul at ~100 GOP/s against ~140). Per thread (see RunWinograd), a chunk is one thread's.
-  const int64_t chunk = UBytes(m, c, o, bf16) <= kSmallU ? (2 << 20) : (32 << 20);
+  // Below AVX-512, 64 MB: on a native Zen 3 (512 KB L2, oneDNN's gemm:jit matmul) the large-u
+  // layers' products ran at ~86 GOP/s against the matmul's 139, and with u read once per call
+  // at bs 8 (38x38 512->512: 800 tiles, one chunk) SSD300's fp32 engine took 0.92 (0.90-0.94)
+  // of the time (128 MB: 0.91); on AVX-512 16 to 64 MB measured even (0.97-1.03).
+  const int64_t big = VectorIsa() == Isa::kAvx512 ? (32 << 20) : (int64_t{64} << 20);
+  const int64_t chunk = UBytes(m, c, o, bf16) <= kSmallU ? (2 << 20) : big;
   const int64_t own = per_thread ? (tiles + threads - 1) / threads : tiles;
   const int64_t budget = std::max<int64_t>(64, chunk / (np * 4 * std::max(c, o)));
   const int64_t chunks = (own + budget - 1) / budget;
