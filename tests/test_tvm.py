@@ -572,6 +572,67 @@ def test_shim_winograd_same_on_one_thread_and_on_each_threads_own_tiles(store, c
     np.testing.assert_allclose(outs[2], outs[1], rtol=0, atol=1e-6 * scale)
 
 
+# 36 x 256 x 232 floats of F(4x4) transformed weights: 8.6 MB, so shared chunks; 24 tiles
+GROUPED = (2, 256, 13, 11, 232)
+
+
+@pytest.mark.parametrize("how", ["residual", "pool"])
+def test_shim_winograd_products_as_one_grouped_convolution_equal_the_matmuls(store, how):
+    """Shared chunks may run their products as one 1x1 convolution of 36 groups over the
+    tiles stored tile-major instead of oneDNN's batched matmul (``winograd_products``: 0 the
+    shim's rule, 1 the matmul, 2 the convolution). Both give the convolution, with a residual
+    or a fused max pool, at every vector width this CPU runs (232 channels: no multiple of 16),
+    and a timed call says which ran. The rule takes the convolution for chunks of at most 400
+    tiles where oneDNN's float32 matmul is its packing GEMM, which oneDNN 3.2 runs wherever
+    AVX-512 is not available (its brgemm matmul needs avx512_core)."""
+    import numpy as np
+    import torch
+    import tvm
+
+    from ssd_pipeline.core.host import cpu_flags
+    from ssd_pipeline.engine.kernels import build_shim, load_shim
+
+    mod = load_shim(str(build_shim(store)))
+    n, _, h, w, o = GROUPED
+    args, res = _random_3x3_call(np.random.default_rng(11), GROUPED)
+    x, weight, bias = (torch.from_numpy(a.numpy()).double() for a in args)
+    ref = torch.nn.functional.conv2d(x.permute(0, 3, 1, 2), weight.permute(0, 3, 1, 2), bias,
+                                     padding=1)
+    if how == "residual":
+        ref = torch.relu(ref + torch.from_numpy(res.numpy()).double().permute(0, 3, 1, 2))
+        size = (h, w)
+    else:
+        ref = torch.nn.functional.max_pool2d(torch.relu(ref), 2, ceil_mode=True)
+        size = (-(-h // 2), -(-w // 2))
+    ref = ref.permute(0, 2, 3, 1).numpy()
+    widest = mod.vector_isa(-1)
+    ran = {}
+    try:
+        for mode in (1, 2, 0):
+            assert mod.winograd_products(mode) == mode
+            for level in range(widest + 1):
+                mod.vector_isa(level)
+                dst = tvm.runtime.tensor(np.zeros((n, *size, o), np.float32))
+                mod.winograd_timing(1)
+                if how == "residual":
+                    mod.conv2d_nhwc_add(*args, 1, 1, 1, 1, 1, 1, 1, 1, 1, 4, res, dst)
+                else:
+                    mod.conv2d_nhwc(*args, 1, 1, 1, 1, 1, 1, 1, 1, 2, 4, dst)
+                ran[mode] = mod.winograd_products_ran()
+                mod.winograd_timing(0)
+                # F(4x4)'s own error, as in test_shim_convolution_equals_torch
+                np.testing.assert_allclose(dst.numpy(), ref, rtol=1e-4, atol=1e-4,
+                                           err_msg=f"mode {mode}, vector_isa {level}")
+    finally:
+        mod.winograd_timing(0)
+        mod.vector_isa(-1)
+        mod.winograd_products(0)
+    assert ran[1] == 1 and ran[2] == 2
+    assert ran[0] == (1 if "avx512f" in cpu_flags() else 2), ran
+    with pytest.raises(Exception, match="winograd_products: mode 0"):
+        mod.winograd_products(3)
+
+
 @pytest.mark.parametrize("compute, shape", [
     (4, CHUNKED_SMALL_WEIGHTS),  # small transformed weights: each thread on its own tiles
     (4, (1, 512, 10, 10, 512)),  # 38 MB of them: shared chunks
@@ -598,7 +659,11 @@ def test_shim_winograd_times_its_phases_only_when_asked(store, compute, shape):
         return time.perf_counter() - t0
 
     def phases() -> list[float]:
-        return [mod.winograd_phase(i) for i in range(3)]
+        # and what ran the products: 1 a matmul, 2 a grouped convolution; -1 with the phases
+        ran = mod.winograd_products_ran()
+        got = [mod.winograd_phase(i) for i in range(3)]
+        assert (ran == -1) == (got[0] == -1.0) and ran in (-1, 1, 2), (ran, got)
+        return got
 
     call(compute)  # made and cached untimed
     assert phases() == [-1.0] * 3

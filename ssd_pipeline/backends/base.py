@@ -39,6 +39,9 @@ class OpTime:
     # a Winograd convolution's phases, ms (medians like ``ms``): input transform, products
     # (oneDNN's matmul), output transform; where its threads run apart, their mean
     phases_ms: tuple[float, float, float] | None = None
+    # what ran a Winograd convolution's products: "matmul" (oneDNN's batched matmul) or
+    # "grouped_conv" (one grouped 1x1 convolution, where the shim finds it faster)
+    products_by: str | None = None
 
 
 class Runner(ABC):

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from ..artifacts.chain import ModelArtifacts
     from ..engine.compile import Engine, EngineSpec
 
+# the shim's winograd_products_ran(): what ran a timed Winograd call's products
+PRODUCTS_BY = {1: "matmul", 2: "grouped_conv"}
+
 
 def winograd_tile_of(ints: list[int]) -> int | None:
     """The Winograd output tile (2 or 4) a shim call asks for with its integer arguments
@@ -145,6 +148,7 @@ class TvmRunner(Runner):
                     shapes, ints = [], []
                 # read after `took`: the shim's three calls are not in the timings
                 phases = ([shim.winograd_phase(k) for k in range(3)]
+                          + [shim.winograd_products_ran()]
                           if shim is not None and str(symbol) in float_conv else [])
                 runs[-1].append((str(symbol), took, shapes, ints, phases))
             return 0  # VMInstrumentReturnKind.NO_OP: go on as usual
@@ -188,7 +192,8 @@ class TvmRunner(Runner):
                               ms, tuple(shapes[:-1]), shapes[-1] if shapes else None,
                               shapes[1] if conv else None, executed,
                               tuple(statistics.median(run[i][4][k] for run in calls) * 1e3
-                                    for k in range(3)) if timed else None))
+                                    for k in range(3)) if timed else None,
+                              PRODUCTS_BY.get(int(phases[3])) if timed else None))
         out.append(OpTime(len(out), "vm.builtin.* (allocation, shapes)", "vm.builtin",
                           statistics.median(builtin) * 1e3))
         return out

@@ -89,7 +89,8 @@ def _phases(op: OpTime, gop: float | None) -> dict[str, Any]:
     ms = dict(zip(PHASES, op.phases_ms, strict=True))
     return {"phases_ms": {k: round(v, 4) for k, v in ms.items()},
             "products_gops_per_s": round(gop / (ms["products"] / 1e3), 2)
-            if gop and ms["products"] > 0 else None}
+            if gop and ms["products"] > 0 else None,
+            "products_by": op.products_by}
 
 
 def _winograd_summary(rows: list[dict[str, Any]], total_ms: float) -> dict[str, Any] | None:
@@ -137,7 +138,9 @@ def format_profile(record: dict[str, Any], top: int) -> str:
         phases = ""
         if w:  # a column only Winograd rows fill
             ph = row.get("phases_ms")
-            phases = (" " + " / ".join(f"{ph[k]:.1f}" for k in PHASES) if ph else "") + " |"
+            phases = (" " + " / ".join(f"{ph[k]:.1f}" for k in PHASES)
+                      + (" (grouped conv)" if row.get("products_by") == "grouped_conv" else "")
+                      if ph else "") + " |"
         out.append(f"| {row['index']} | {name} | {row['op']} | {shape} | "
                    f"{row['ms']:.2f} | {row['share']:.1%} | {gops} |{phases}")
     out += ["", "| kind | calls | ms | share |", "|---|---|---|---|"]

@@ -252,20 +252,25 @@ std::shared_ptr<Conv> MakeConv(const TensorView& src, const TensorView& weight,
 // 4 (m = 2) or 2.25 (m = 4) multiplies per output instead of 9. The pip build of oneDNN 3.2 has
 // no Winograd convolution (AVX2 or AVX-512: no primitive descriptor), so the shim does the
 // transforms (OpenMP, oneDNN's own threads) and oneDNN's matmul does the products, one batched
-// call per chunk of tiles (chunk size: see MakeWino). Transform matrices:
+// call per chunk of tiles (chunk size: see MakeWino; where that matmul would repack the weights
+// on every call, some chunks run as one grouped 1x1 convolution instead: see the end of
+// MakeWino). Transform matrices:
 // m = 2: B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1],
 //        A^T = [1 1 1 0; 0 1 -1 -1];
 // m = 4: B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0;
 //        0 4 0 -5 0 1], G = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6;
 //        1/24 -1/12 1/6; 0 0 1], A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1].
 struct Wino {
-  dnnl::primitive matmul;  // [P, tc, C] . [P, C, O] -> [P, tc, O], P = (m + 2)^2
-  dnnl::memory u;          // G g G^T of every (c, o), in the matmul's weights format
+  // [P, tc, C] . [P, C, O] -> [P, tc, O], P = (m + 2)^2: a batched matmul, or where `grouped`
+  // a 1x1 convolution of P groups over the tile-major [tc][P][C] -> [tc][P][O]
+  dnnl::primitive matmul;
+  dnnl::memory u;          // G g G^T of every (c, o), in the primitive's weights format
   Print fingerprint{};
   int64_t tc = 0;  // tiles per chunk (the last chunk is padded with unused tiles)
   int m = 2;       // output tile side
   bool bf16 = false;  // the products in bfloat16: v and u bfloat16, m float32
   int64_t scratch = 0;  // bytes of a per-thread matmul's scratchpad (see RunWinograd)
+  bool grouped = false;  // the products as a grouped 1x1 convolution (see the end of MakeWino)
 };
 
 // 16 floats (a zmm register in the AVX-512 transforms below), 8 (a ymm register with AVX2,
@@ -533,14 +538,17 @@ __attribute__((always_inline)) inline void OutputTilePool(const float* m, int64_
       if (keep[p][q]) Store<T>(y[p][q] + k, pooled[p][q]);
 }
 
-// Input tiles t0 + [lo, hi) of src (NHWC, N x H x W x C) into v[(M + 2)^2][tc][C]; tiles past
-// the last (the padded end of the last chunk) read zeros.
+// Input tiles t0 + [lo, hi) of src (NHWC, N x H x W x C) into v[(M + 2)^2][tc][C], or
+// v[tc][(M + 2)^2][C] where `tile_major` (see Wino::grouped); tiles past the last (the padded
+// end of the last chunk) read zeros.
 template <int M, int W, typename Src, typename S>
 __attribute__((always_inline)) inline void WinoInputTiles(
     const Src* src, S* v, const Src* zeros, int64_t t0, int64_t tc, int64_t tiles,
     int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl,
-    int64_t lo, int64_t hi) {
+    bool tile_major, int64_t lo, int64_t hi) {
   constexpr int A = M + 2;
+  // elements from one tile to the next (ts), and from one of a tile's products to the next (ps)
+  const int64_t ts = tile_major ? A * A * c : c, ps = tile_major ? c : tc * c;
   for (int64_t tl = lo; tl < hi; ++tl) {
     const int64_t t = t0 + tl;
     const int64_t n = t / (th * tw), ty = t / tw % th, tx = t % tw;
@@ -555,9 +563,9 @@ __attribute__((always_inline)) inline void WinoInputTiles(
       }
     int64_t k = 0;
     if constexpr (W == 16)
-      for (; k + 16 <= c; k += 16) InputTile<F16, M>(d, v + tl * c, tc * c, k);
-    for (; k + 8 <= c; k += 8) InputTile<F8, M>(d, v + tl * c, tc * c, k);
-    for (; k < c; ++k) InputTile<float, M>(d, v + tl * c, tc * c, k);
+      for (; k + 16 <= c; k += 16) InputTile<F16, M>(d, v + tl * ts, ps, k);
+    for (; k + 8 <= c; k += 8) InputTile<F8, M>(d, v + tl * ts, ps, k);
+    for (; k < c; ++k) InputTile<float, M>(d, v + tl * ts, ps, k);
   }
 }
 
@@ -565,20 +573,23 @@ __attribute__((always_inline)) inline void WinoInputTiles(
 template <int W, typename Src, typename S>
 __attribute__((always_inline)) inline void WinoInputAny(
     const Src* src, S* v, const Src* zeros, int64_t t0, int64_t tc, int64_t tiles, int64_t th,
-    int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl, int m, int64_t lo,
-    int64_t hi) {
+    int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl, int m, bool tile_major,
+    int64_t lo, int64_t hi) {
   if (m == 4)
-    WinoInputTiles<4, W>(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, lo, hi);
+    WinoInputTiles<4, W>(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, tile_major, lo,
+                         hi);
   else
-    WinoInputTiles<2, W>(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, lo, hi);
+    WinoInputTiles<2, W>(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, tile_major, lo,
+                         hi);
 }
 
 #define WINO_INPUT_T template <typename Src, typename S>
 #define WINO_INPUT_ARGS                                                                      \
   const Src *src, S *v, const Src *zeros, int64_t t0, int64_t tc, int64_t tiles, int64_t th, \
-      int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl, int m, int64_t lo, \
-      int64_t hi
-#define WINO_INPUT_PASS src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, m, lo, hi
+      int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl, int m,            \
+      bool tile_major, int64_t lo, int64_t hi
+#define WINO_INPUT_PASS \
+  src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, m, tile_major, lo, hi
 
 // NAME(ARGS): NAME##Any<W>(PASS) built for each instruction set with its vector width, and the
 // widest this CPU runs called (TEMPLATE, ARGS, PASS: macros, so their commas pass through)
@@ -598,15 +609,17 @@ __attribute__((always_inline)) inline void WinoInputAny(
 // bits)
 PER_ISA(WinoInput, WINO_INPUT_T, WINO_INPUT_ARGS, WINO_INPUT_PASS)
 
-// m[(M + 2)^2][tc][O] of tiles t0 + [t_lo, t_hi) -> their M x M outputs in dst (NHWC, D: float
-// or bfloat16 bits), + bias (+ residual, of dst's shape), ReLU. With POOL (a ReLU, no residual),
-// their 2x2 max pools of stride 2 instead: dst is ph x pw, the pool of the oh x ow outputs.
+// m[(M + 2)^2][tc][O] (or m[tc][(M + 2)^2][O] where `tile_major`) of tiles t0 + [t_lo, t_hi)
+// -> their M x M outputs in dst (NHWC, D: float or bfloat16 bits), + bias (+ residual, of dst's
+// shape), ReLU. With POOL (a ReLU, no residual), their 2x2 max pools of stride 2 instead: dst is
+// ph x pw, the pool of the oh x ow outputs.
 template <int M, int W, bool POOL, typename R, typename D>
 __attribute__((always_inline)) inline void WinoOutputTiles(
     const float* m, const float* bias, const R* residual, D* dst, int64_t t0, int64_t tc,
     int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t ph, int64_t pw,
-    int64_t o, bool relu, int64_t t_lo, int64_t t_hi) {
+    int64_t o, bool relu, bool tile_major, int64_t t_lo, int64_t t_hi) {
   const float lo = relu ? 0.f : -INFINITY;
+  const int64_t ts = tile_major ? (M + 2) * (M + 2) * o : o, ps = tile_major ? o : tc * o;
   for (int64_t tl = t_lo; tl < t_hi; ++tl) {
     const int64_t t = t0 + tl;
     const int64_t n = t / (th * tw), ty = t / tw % th, tx = t % tw;
@@ -629,10 +642,10 @@ __attribute__((always_inline)) inline void WinoOutputTiles(
       int64_t k = 0;
       if constexpr (W == 16)
         for (; k + 16 <= o; k += 16)
-          OutputTilePool<F16, M>(m + tl * o, tc * o, bias, F16{} + lo, y, in, keep, k);
+          OutputTilePool<F16, M>(m + tl * ts, ps, bias, F16{} + lo, y, in, keep, k);
       for (; k + 8 <= o; k += 8)
-        OutputTilePool<F8, M>(m + tl * o, tc * o, bias, F8{} + lo, y, in, keep, k);
-      for (; k < o; ++k) OutputTilePool<float, M>(m + tl * o, tc * o, bias, lo, y, in, keep, k);
+        OutputTilePool<F8, M>(m + tl * ts, ps, bias, F8{} + lo, y, in, keep, k);
+      for (; k < o; ++k) OutputTilePool<float, M>(m + tl * ts, ps, bias, lo, y, in, keep, k);
       continue;
     }
     D* y[M][M];
@@ -651,10 +664,10 @@ __attribute__((always_inline)) inline void WinoOutputTiles(
     int64_t k = 0;
     if constexpr (W == 16)
       for (; k + 16 <= o; k += 16)
-        OutputTile<F16, M>(m + tl * o, tc * o, bias, F16{} + lo, y, r, keep, k);
+        OutputTile<F16, M>(m + tl * ts, ps, bias, F16{} + lo, y, r, keep, k);
     for (; k + 8 <= o; k += 8)
-      OutputTile<F8, M>(m + tl * o, tc * o, bias, F8{} + lo, y, r, keep, k);
-    for (; k < o; ++k) OutputTile<float, M>(m + tl * o, tc * o, bias, lo, y, r, keep, k);
+      OutputTile<F8, M>(m + tl * ts, ps, bias, F8{} + lo, y, r, keep, k);
+    for (; k < o; ++k) OutputTile<float, M>(m + tl * ts, ps, bias, lo, y, r, keep, k);
   }
 }
 
@@ -664,10 +677,10 @@ template <int W, typename R, typename D>
 __attribute__((always_inline)) inline void WinoOutputAny(
     const float* m, const float* bias, const R* residual, D* dst, int64_t t0, int64_t tc,
     int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t ph, int64_t pw,
-    int64_t o, bool relu, bool pool, int mt, int64_t lo, int64_t hi) {
+    int64_t o, bool relu, bool pool, int mt, bool tile_major, int64_t lo, int64_t hi) {
 #define WINO_OUTPUT_TILES(M, POOL)                                                         \
   WinoOutputTiles<M, W, POOL>(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, ph, pw, \
-                              o, relu, lo, hi)
+                              o, relu, tile_major, lo, hi)
   if (mt == 4 && pool) WINO_OUTPUT_TILES(4, true);
   else if (mt == 4) WINO_OUTPUT_TILES(4, false);
   else if (pool) WINO_OUTPUT_TILES(2, true);
@@ -679,9 +692,10 @@ __attribute__((always_inline)) inline void WinoOutputAny(
 #define WINO_OUTPUT_ARGS                                                                    \
   const float *m, const float *bias, const R *residual, D *dst, int64_t t0, int64_t tc,     \
       int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t ph, int64_t pw, \
-      int64_t o, bool relu, bool pool, int mt, int64_t lo, int64_t hi
-#define WINO_OUTPUT_PASS \
-  m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, ph, pw, o, relu, pool, mt, lo, hi
+      int64_t o, bool relu, bool pool, int mt, bool tile_major, int64_t lo, int64_t hi
+#define WINO_OUTPUT_PASS                                                                    \
+  m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, ph, pw, o, relu, pool, mt, tile_major, \
+      lo, hi
 
 // WinoOutput: products m of tiles t0 + [lo, hi) into dst (float, or bfloat16 bits), + bias
 // (+ residual, float or bfloat16 bits), ReLU (and the 2x2 max pool)
@@ -692,6 +706,7 @@ PER_ISA(WinoOutput, WINO_OUTPUT_T, WINO_OUTPUT_ARGS, WINO_OUTPUT_PASS)
 // wall time; per thread (below), the mean of the threads' own. Off, a call reads one flag.
 std::atomic<bool> g_phase_timing{false};
 thread_local std::array<double, 3> t_last_phases{-1.0, -1.0, -1.0};
+thread_local int t_last_products = -1;  // 1 its products a matmul, 2 a grouped convolution
 
 // Bytes of the transformed weights u = G g G^T of an F(m x m, 3x3) convolution, c -> o, and
 // the most that counts as small: a quarter of a Zen 4 L3, so that it stays cached between chunks
@@ -717,8 +732,16 @@ void FilterRow(int m, const double (&x)[3], double* y) {
   }
 }
 
+// How shared-chunk float32 Winograd products run (winograd_products): 0 a grouped 1x1
+// convolution where the end of MakeWino says, 1 always the batched matmul, 2 the grouped
+// convolution wherever oneDNN makes one
+std::atomic<int> g_products_mode{0};
+
+// The most tiles a chunk has where its products run as a grouped convolution (see MakeWino)
+constexpr int64_t kGroupedMaxTiles = 400;
+
 std::shared_ptr<Wino> MakeWino(const TensorView& weight, int64_t tiles, bool bf16, int m,
-                               int64_t threads, bool per_thread) {
+                               int64_t threads, bool per_thread, int mode) {
   using tag = dnnl::memory::format_tag;
   using dt = dnnl::memory::data_type;
   const int64_t o = weight.size(0), c = weight.size(3);
@@ -776,11 +799,42 @@ std::shared_ptr<Wino> MakeWino(const TensorView& weight, int64_t tiles, bool bf1
         for (int j = 0; j < a; ++j) u[((i * a + j) * c + cc) * o + oo] = static_cast<float>(row[j]);
       }
     }
-  wino->u = dnnl::memory(pd.weights_desc(), CpuEngine());
   dnnl::stream& s = Stream();
+  wino->fingerprint = Fingerprint(g, weight.numel());
+  // Shared float32 chunks of at most kGroupedMaxTiles tiles, where the matmul is oneDNN's
+  // packing GEMM (gemm:jit: AVX2 hosts, and AVX-512 ones capped to AVX2), run as one 1x1
+  // convolution of P groups instead, over the tiles stored tile-major: oneDNN's brgemm
+  // convolution packs u once, where that GEMM copies it on every call and, with the batch
+  // spread over the threads, runs each product on one thread, where it took the same time for
+  // M = 72 to 400 rows (38-39 GOP/s, K = N = 512) and 66 GOP/s at 800. On a Zen 3, timed inside
+  // SSD300's engines, matmul against convolution: 41-44 against 27-31 ms (tc = 200, 512->512),
+  // 89 against 63 (200, 1024->512), 20 against 15 (100, 512->512), 12.2-12.9 against 12.1-13.4
+  // (361, 256->256), but 110-112 against 116-119 (800, 512->512) and 52 against 62 (800,
+  // 256->512). Per-thread chunks keep the matmul: on one thread, at their sizes, it ran
+  // 1.0-1.2x as fast.
+  if (!per_thread && !bf16 && mode != 1 && (mode == 2 || wino->tc <= kGroupedMaxTiles)) {
+    const bool gemm = std::string(pd.impl_info_str()).rfind("gemm", 0) == 0;
+    auto pd_g = dnnl::convolution_forward::primitive_desc(
+        CpuEngine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+        dnnl::memory::desc({1, np * c, wino->tc, 1}, dt::f32, tag::nhwc),
+        dnnl::memory::desc({np, o, c, 1, 1}, dt::f32, tag::any),
+        dnnl::memory::desc({1, np * o, wino->tc, 1}, dt::f32, tag::nhwc), {1, 1}, {0, 0},
+        {0, 0}, dnnl::primitive_attr(), true);
+    const bool brgemm = pd_g && std::string(pd_g.impl_info_str()).rfind("brgconv", 0) == 0;
+    if (mode == 2 ? static_cast<bool>(pd_g) : gemm && brgemm) {
+      wino->matmul = dnnl::convolution_forward(pd_g);
+      wino->grouped = true;
+      // u_user [P][C][O] read as P groups of O x C (goihw)
+      dnnl::memory u_view({{np, o, c, 1, 1}, dt::f32, {c * o, 1, o, 1, 1}}, CpuEngine(), u);
+      wino->u = dnnl::memory(pd_g.weights_desc(), CpuEngine());
+      dnnl::reorder(u_view, wino->u).execute(s, u_view, wino->u);
+      s.wait();
+      return wino;
+    }
+  }
+  wino->u = dnnl::memory(pd.weights_desc(), CpuEngine());
   dnnl::reorder(u_user, wino->u).execute(s, u_user, wino->u);
   s.wait();
-  wino->fingerprint = Fingerprint(g, weight.numel());
   return wino;
 }
 
@@ -866,13 +920,15 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
   const int64_t threads = omp_get_max_threads();
   // each thread on its own tiles where every thread can keep u cached (see below)
   const bool per_thread = threads > 1 && UBytes(mt, c, o, bf16) <= kSmallU;
+  const int mode = g_products_mode.load(std::memory_order_relaxed);
   Key key;
   key << n << h << w << c << o << pt << pl << pb << pr << bf16 << mt << weight.data_ptr()
-      << threads << per_thread;
+      << threads << per_thread << mode;
   auto wino = Cached(key.str(),
                      Fingerprint(static_cast<const float*>(weight.data_ptr()), weight.numel()),
-                     [&] { return MakeWino(weight, tiles, bf16, mt, threads, per_thread); });
+                     [&] { return MakeWino(weight, tiles, bf16, mt, threads, per_thread, mode); });
   const int64_t tc = wino->tc;
+  const bool grouped = wino->grouped;  // tiles and products tile-major
   const bool timed = g_phase_timing.load(std::memory_order_relaxed);
   // a residual in float32 or in bfloat16 (a bfloat16 engine's activation)
   const bool res_bf16 = residual != nullptr && IsBf16(*residual);
@@ -889,28 +945,28 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
     const uint16_t* zh = buf.zeros_b.data();
     if (IsBf16(src))  // bfloat16 activations (checked by RunF32: only with bf16 products)
       WinoInput(static_cast<const uint16_t*>(src.data_ptr()), vh, zh, t0, tc, tiles, th, tw, h,
-                w, c, pt, pl, mt, lo, hi);
+                w, c, pt, pl, mt, grouped, lo, hi);
     else if (bf16)
       WinoInput(static_cast<const float*>(src.data_ptr()), vh, zf, t0, tc, tiles, th, tw, h, w,
-                c, pt, pl, mt, lo, hi);
+                c, pt, pl, mt, grouped, lo, hi);
     else
       WinoInput(static_cast<const float*>(src.data_ptr()), vf, zf, t0, tc, tiles, th, tw, h, w,
-                c, pt, pl, mt, lo, hi);
+                c, pt, pl, mt, grouped, lo, hi);
   };
   auto output = [&](const WinoBuffers& buf, int64_t t0, int64_t lo, int64_t hi) {
     const float* mf = buf.m.data();
     if (res_b != nullptr && IsBf16(dst))
       WinoOutput(mf, b, res_b, static_cast<uint16_t*>(dst.data_ptr()), t0, tc, tiles, th, tw,
-                 oh, ow, ph, pw, o, relu, pool, mt, lo, hi);
+                 oh, ow, ph, pw, o, relu, pool, mt, grouped, lo, hi);
     else if (res_b != nullptr)
       WinoOutput(mf, b, res_b, static_cast<float*>(dst.data_ptr()), t0, tc, tiles, th, tw, oh,
-                 ow, ph, pw, o, relu, pool, mt, lo, hi);
+                 ow, ph, pw, o, relu, pool, mt, grouped, lo, hi);
     else if (IsBf16(dst))
       WinoOutput(mf, b, res, static_cast<uint16_t*>(dst.data_ptr()), t0, tc, tiles, th, tw, oh,
-                 ow, ph, pw, o, relu, pool, mt, lo, hi);
+                 ow, ph, pw, o, relu, pool, mt, grouped, lo, hi);
     else
       WinoOutput(mf, b, res, static_cast<float*>(dst.data_ptr()), t0, tc, tiles, th, tw, oh, ow,
-                 ph, pw, o, relu, pool, mt, lo, hi);
+                 ph, pw, o, relu, pool, mt, grouped, lo, hi);
   };
   using dt = dnnl::memory::data_type;
   using tag = dnnl::memory::format_tag;
@@ -953,7 +1009,10 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
         for (int i = 0; i < 3; ++i) phases[i] += mine[i] / nt;
       }
     }
-    if (timed) t_last_phases = phases;
+    if (timed) {
+      t_last_phases = phases;
+      t_last_products = 1;
+    }
     return;
   }
   // the calling thread's buffers (engines may run on several threads at once), bound here:
@@ -961,6 +1020,10 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
   WinoBuffers& buf = Buffers(np, tc, c, o, bf16, 0);
   dnnl::stream& s = Stream();
   dnnl::memory v_m = buf.Tiles(np, tc, c, bf16), m_m = buf.Products(np, tc, o);
+  if (grouped) {  // the same buffers as 1 x (P C) x tc x 1 and 1 x (P O) x tc x 1, NHWC
+    v_m = dnnl::memory({{1, np * c, tc, 1}, dt::f32, tag::nhwc}, eng, buf.v.data());
+    m_m = dnnl::memory({{1, np * o, tc, 1}, dt::f32, tag::nhwc}, eng, buf.m.data());
+  }
   std::array<double, 4> at{};
   std::array<double, 3> phases{};
   for (int64_t t0 = 0; t0 < tiles; t0 += tc) {
@@ -978,7 +1041,10 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
       for (int i = 0; i < 3; ++i) phases[i] += at[i + 1] - at[i];
     }
   }
-  if (timed) t_last_phases = phases;
+  if (timed) {
+    t_last_phases = phases;
+    t_last_products = grouped ? 2 : 1;
+  }
 }
 
 // conv2d_nhwc(src NHWC, weight OHWI, bias (O), strides, pads (top, left, bottom, right),
@@ -994,7 +1060,10 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
 void RunF32(TensorView src, TensorView weight, TensorView bias, const TensorView* residual,
             int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t dh,
             int64_t dw, int64_t relu, int64_t compute, TensorView dst) {
-  if (g_phase_timing.load(std::memory_order_relaxed)) t_last_phases = {-1.0, -1.0, -1.0};
+  if (g_phase_timing.load(std::memory_order_relaxed)) {
+    t_last_phases = {-1.0, -1.0, -1.0};
+    t_last_products = -1;
+  }
   const bool bf16_ok = compute == 1 || compute == 3;  // bfloat16 activations in and out
   CheckFloat(src, "src", 4, bf16_ok);
   CheckF32(weight, "weight", 4);
@@ -1363,6 +1432,7 @@ void SetVerbose(int64_t level) { dnnl::set_verbose(static_cast<int>(level)); }
 void SetWinogradTiming(int64_t on) {
   g_phase_timing.store(on != 0, std::memory_order_relaxed);
   t_last_phases = {-1.0, -1.0, -1.0};
+  t_last_products = -1;
 }
 
 // winograd_phase(i): the calling thread's last float convolution call's phase i (0 input
@@ -1371,6 +1441,22 @@ void SetWinogradTiming(int64_t on) {
 double WinogradPhase(int64_t i) {
   TVM_FFI_ICHECK(i >= 0 && i < 3) << "phase must be 0, 1 or 2, got " << i;
   return t_last_phases[i];
+}
+
+// winograd_products_ran(): what ran that timed call's products: 1 the batched matmul, 2 the
+// grouped 1x1 convolution (see the end of MakeWino); -1 as above
+int64_t WinogradProductsRan() { return t_last_products; }
+
+// winograd_products(mode): how the shared-chunk float32 Winograd products of the layers made
+// from now on run: 0 a grouped 1x1 convolution where MakeWino's rule says (the default), 1
+// always the batched matmul, 2 the grouped convolution wherever oneDNN makes one; -1 changes
+// nothing. Returns the mode in effect.
+int64_t SetWinogradProducts(int64_t mode) {
+  TVM_FFI_ICHECK(mode >= -1 && mode <= 2)
+      << "winograd_products: mode 0 (the default choice), 1 (matmul), 2 (grouped convolution) "
+      << "or -1 (read), got " << mode;
+  if (mode >= 0) g_products_mode.store(static_cast<int>(mode), std::memory_order_relaxed);
+  return g_products_mode.load(std::memory_order_relaxed);
 }
 
 void ClearCache() {
@@ -1395,3 +1481,5 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(vector_isa, SetVectorIsa);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(set_verbose, SetVerbose);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(winograd_timing, SetWinogradTiming);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(winograd_phase, WinogradPhase);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(winograd_products_ran, WinogradProductsRan);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(winograd_products, SetWinogradProducts);
