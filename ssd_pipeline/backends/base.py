@@ -37,10 +37,11 @@ class OpTime:
     # (core.timing.conv_gop); else the profile counts every output element times its kernel
     executed_gop: float | None = None
     # a Winograd convolution's phases, ms (medians like ``ms``): input transform, products
-    # (oneDNN's matmul), output transform; where its threads run apart, their mean
+    # (oneDNN's), output transform; where its threads run apart, their mean
     phases_ms: tuple[float, float, float] | None = None
     # what ran a Winograd convolution's products: "matmul" (oneDNN's batched matmul) or
-    # "grouped_conv" (one grouped 1x1 convolution, where the shim finds it faster)
+    # "grouped_conv" (one grouped 1x1 convolution, where the shim's rule takes it: the end of
+    # MakeWino in engine/kernels/dnnl_conv.cc)
     products_by: str | None = None
 
 
