@@ -124,13 +124,20 @@ def test_winograd_runs_where_it_measured_faster(model_name, precision, bundles):
     precision (fp32: ``WINOGRAD_F4_CUTS`` for F(4x4, 3x3), else ``WINOGRAD_CUTS`` for F(2x2,
     3x3); bf16: ``WINOGRAD_BF16_CUTS``, F(2x2) only; int8: none with VNNI, without it the
     F(4x4) ones at or above ``INT8_FLOAT_WINOGRAD_CUTS`` too, which stay float32; a level's
-    merged heads as one convolution) are Winograd calls, and the engine record counts the GOP
-    they execute against their direct form (what the perf records' peak fractions read)."""
+    merged heads as one convolution; dilated ones, pads at most the dilation, F(4x4) only and
+    where ``WINOGRAD_DILATED_ISAS`` lists this CPU) are Winograd calls, and the engine record
+    counts the GOP they execute against their direct form (what the perf records' peak
+    fractions read)."""
     import onnx
 
-    from ssd_pipeline.core.host import has_vnni
+    from ssd_pipeline.core.host import cpu_flags, has_vnni
     from ssd_pipeline.core.timing import conv_gflop_per_image, conv_gop
-    from ssd_pipeline.engine.compile import INT8_FLOAT_WINOGRAD_CUTS, winograd_cuts, winograd_gop
+    from ssd_pipeline.engine.compile import (
+        INT8_FLOAT_WINOGRAD_CUTS,
+        WINOGRAD_DILATED_ISAS,
+        winograd_cuts,
+        winograd_gop,
+    )
     from ssd_pipeline.engine.kernels import CONV2D_NHWC, CONV2D_NHWC_ADD
     from ssd_pipeline.engine.patterns import OC_BLOCK
 
@@ -147,6 +154,8 @@ def test_winograd_runs_where_it_measured_faster(model_name, precision, bundles):
     for g in head_groups(model.graph) if precision != "int8" else ():
         total = sum(width.pop(name) for name in g)
         width[g[0]] = total + -total % OC_BLOCK
+    flags = cpu_flags()
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else None
     tiles: list[int] = []
     executed = direct = 0.0
     for node in model.graph.node:
@@ -156,20 +165,25 @@ def test_winograd_runs_where_it_measured_faster(model_name, precision, bundles):
         _, c, kh, kw = weights[node.input[1]]
         o = width[node.output[0]]
         oh, ow = shapes[node.output[0]][2:]
-        if not ((kh, kw) == (3, 3) and a.get("strides", [1, 1]) == [1, 1]
-                and a.get("dilations", [1, 1]) == [1, 1]
-                and set(a.get("pads", [0] * 4)) <= {0, 1} and a.get("group", 1) == 1):
+        d = a.get("dilations", [1, 1])
+        if not ((kh, kw) == (3, 3) and a.get("strides", [1, 1]) == [1, 1] and d[0] == d[1]
+                and all(0 <= p <= d[0] for p in a.get("pads", [0] * 4))
+                and a.get("group", 1) == 1):
+            continue
+        if d[0] > 1 and (precision == "bf16" or isa not in WINOGRAD_DILATED_ISAS):
             continue
         for tile in (4, 2) if precision != "int8" else () if has_vnni() else (4,):
+            if d[0] > 1 and tile != 4:
+                continue
             cuts = winograd_cuts(tile, precision == "bf16")
             if precision == "int8" and cuts:  # float32 layers of an int8 engine without VNNI
                 cuts = tuple(max(a, b) for a, b in zip(cuts, INT8_FLOAT_WINOGRAD_CUTS,
                                                                strict=True))
             if cuts and min(c, o) >= cuts[0] and min(oh, ow) >= cuts[1]:
                 tiles.append(tile)
-                executed += winograd_gop(oh, ow, c, o, tile)
+                executed += winograd_gop(oh, ow, c, o, tile, d[0])
                 direct += conv_gop(1, shapes[node.input[0]][2:], (oh, ow), (3, 3), c, o,
-                                   pads=a.get("pads", [0] * 4)[:2])
+                                   pads=a.get("pads", [0] * 4)[:2], dilations=d)
                 break
     record = b.runner("tvm", precision).engine.record
     ops, wino = record["relax_ops"], record["winograd"]
@@ -191,13 +205,18 @@ def test_winograd_runs_where_it_measured_faster(model_name, precision, bundles):
 
 def test_winograd_gop_counts_the_products_of_each_tile():
     """F(2x2, 3x3): 16 products per 2x2 outputs; F(4x4, 3x3): 36 per 4x4; a partial edge tile
-    costs a whole one (19x19 outputs: 10x10 tiles of 2x2, 5x5 of 4x4)."""
+    costs a whole one (19x19 outputs: 10x10 tiles of 2x2, 5x5 of 4x4); dilated, each phase is
+    tiled as the largest."""
     from ssd_pipeline.engine.compile import winograd_gop
 
     assert winograd_gop(38, 38, 1, 1) == pytest.approx(2 * 16 * 19 * 19 / 1e9)
     assert winograd_gop(38, 38, 1, 1, 4) == pytest.approx(2 * 36 * 10 * 10 / 1e9)
     assert winograd_gop(19, 19, 2, 3, 2) == pytest.approx(2 * 16 * 100 * 6 / 1e9)
     assert winograd_gop(19, 19, 2, 3, 4) == pytest.approx(2 * 36 * 25 * 6 / 1e9)
+    # dilated by 6: 6 x 6 phases of at most ceil(19 / 6) = 4 rows and columns, a 4x4 tile each
+    # (2x2: two a side)
+    assert winograd_gop(19, 19, 2, 3, 4, 6) == pytest.approx(2 * 36 * 36 * 6 / 1e9)
+    assert winograd_gop(19, 19, 2, 3, 2, 6) == pytest.approx(2 * 16 * 36 * 4 * 6 / 1e9)
 
 
 def test_bf16_engine_keeps_activations_in_bf16(model_name, bundles):
@@ -430,6 +449,10 @@ CHUNKED_SMALL_WEIGHTS = (1, 64, 67, 67, 64)
     (3, 1, 1, 1, 0, False, 4, CHUNKED),
     (3, 1, 1, 1, 1, False, 4, CHUNKED_SMALL_WEIGHTS),
     (3, 1, 1, 1, 1, True, 4, CHUNKED_SMALL_WEIGHTS),
+    (3, 1, 6, 6, 1, False, 4, SMALL),  # dilated Winograd: 6 x 6 phases of up to 3x2 outputs
+    (3, 1, 6, 6, 1, True, 4, SMALL),
+    (3, 1, 2, 2, 0, False, 2, SMALL),  # F(2x2) dilated: the shim runs it (engines do not)
+    (3, 1, 3, 6, 1, False, 4, CHUNKED),  # pads under the dilation; shared chunks
     (3, 1, 1, 1, 1, False, 1, SMALL),  # bfloat16, direct
     (3, 1, 1, 1, 1, True, 1, SMALL),
     (1, 1, 0, 1, 1, True, 1, SMALL),
@@ -806,11 +829,10 @@ def test_engine_fuses_a_pool_only_where_it_alone_reads_the_relu(store, tmp_path,
 
 
 @pytest.mark.parametrize("stride, dilation, kh, compute, message", [
-    (2, 1, 3, 2, "stride 1 and dilation 1 only"),
-    (1, 2, 3, 2, "stride 1 and dilation 1 only"),
+    (2, 1, 3, 2, "stride 1 and the same dilation"),
     (1, 1, 1, 2, "3x3 kernels"),
     (1, 1, 3, 5, "compute must be 0"),  # F(4x4) with bfloat16 products: not offered
-    (2, 1, 3, 4, "stride 1 and dilation 1 only"),
+    (2, 1, 3, 4, "stride 1 and the same dilation"),
 ])
 def test_shim_refuses_what_winograd_cannot_run(store, stride, dilation, kh, compute, message):
     """A call outside Winograd's domain (or an unknown compute mode) is refused, never run
@@ -828,6 +850,30 @@ def test_shim_refuses_what_winograd_cannot_run(store, stride, dilation, kh, comp
     with pytest.raises(Exception, match=message):
         mod.conv2d_nhwc(t[0], t[1], t[2], stride, stride, pad, pad, pad, pad, dilation,
                         dilation, 1, compute, t[3])
+
+
+@pytest.mark.parametrize("dilations, pad, relu, message", [
+    ((2, 3), 2, 1, "stride 1 and the same dilation"),
+    ((6, 6), 7, 1, "pads from 0 to the dilation"),  # a tile would reach past its phase
+    ((2, 2), 2, 2, "max pool: dilation 1 only"),  # the pooled output transform's windows
+])
+def test_shim_refuses_a_dilated_winograd_it_cannot_run(store, dilations, pad, relu, message):
+    """Dilated Winograd runs each phase of the output as an undilated convolution: unequal
+    dilations, pads past the dilation and a fused pool are refused."""
+    import numpy as np
+    import tvm
+
+    from ssd_pipeline.engine.kernels import build_shim, load_shim
+
+    mod = load_shim(str(build_shim(store)))
+    dh, dw = dilations
+    oh, ow = 9 + 2 * pad - 2 * dh, 9 + 2 * pad - 2 * dw
+    if relu == 2:
+        oh, ow = -(-oh // 2), -(-ow // 2)
+    t = [tvm.runtime.tensor(np.zeros(s, np.float32)) for s in (
+        (1, 9, 9, 8), (8, 3, 3, 8), (8,), (1, oh, ow, 8))]
+    with pytest.raises(Exception, match=message):
+        mod.conv2d_nhwc(t[0], t[1], t[2], 1, 1, pad, pad, pad, pad, dh, dw, relu, 4, t[3])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "uint8", "bfloat16"])

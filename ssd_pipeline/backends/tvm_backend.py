@@ -182,7 +182,7 @@ class TvmRunner(Runner):
             if conv and (tile := winograd_tile_of(ints)):
                 n, h, w, _ = shapes[0]  # the output may be a fused pool's
                 executed = n * winograd_gop(*winograd_out_hw(h, w, ints), shapes[1][3],
-                                            shapes[1][0], tile)
+                                            shapes[1][0], tile, ints[6])
             elif conv:  # oneDNN skips the taps on padding: count what it multiplies
                 n, h, w, c = shapes[0]
                 o, kh, kw, _ = shapes[1]

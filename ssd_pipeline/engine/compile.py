@@ -117,6 +117,14 @@ WINOGRAD_BF16_CUTS = {"avx512": (64, 10)}
 # direct) 0.9-1.2 either way. Whole engines, one process, interleaved, paired medians, this cut
 # against F(2x2) only: SSD300 bs 8 0.78, bs 1 0.68; embedded model bs 8 0.94, bs 1 0.92-0.99.
 WINOGRAD_F4_CUTS = {"avx512": (16, 19), "avx2": (32, 19)}
+# A dilated 3x3 stride-1 convolution (pads at most its dilation d) is d x d undilated ones, one
+# per phase of the output's rows and columns; F(4x4) runs it so on the instruction sets listed,
+# at the F(4x4) cuts. SSD300's fc6 (19x19 512->1024, d 6: six phases of 3-4 rows a side, one 4x4
+# tile each, 1.36 GOP an image executed against the direct form's 2.12 on its in-bounds taps),
+# native Zen 3, shim called directly, same process, interleaved, Winograd / direct time: bs 1
+# 0.69, bs 8 0.63, bs 32 0.71; F(2x2) (two tiles a phase a side, 2.4 GOP) 1.07, 1.03, 1.17.
+# Not measured on AVX-512 yet: it keeps the direct kernel there.
+WINOGRAD_DILATED_ISAS = ("avx2",)
 # An int8 engine on a CPU without VNNI (7-bit weights, int8 at 2x fp32's rate) keeps the
 # convolutions F(4x4) takes with at least this many channels each side and outputs this large
 # (min channels, min side) in float32 Winograd (:func:`float_winograd_reason`). Measured on
@@ -252,13 +260,18 @@ def to_nhwc(mod: Any) -> Any:
     return relax.transform.FoldConstant()(mod)  # weight permutes become OHWI constants
 
 
+def _isa() -> str | None:
+    """The vector instruction set the cuts are keyed by: "avx512", "avx2" or None."""
+    flags = cpu_flags()  # ONEDNN_MAX_CPU_ISA caps them, as it caps oneDNN's kernels
+    return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else None
+
+
 def winograd_cuts(tile: int = 2, bf16: bool = False) -> tuple[int, int] | None:
     """(min channels, min output side) of Winograd F(tile x tile, 3x3) on this CPU, with
     float32 or (``bf16``) bfloat16 products (``WINOGRAD_CUTS``, ``WINOGRAD_BF16_CUTS``,
     ``WINOGRAD_F4_CUTS``); None where it was not measured to win (F(4x4) at bf16: too
     inexact)."""
-    flags = cpu_flags()  # ONEDNN_MAX_CPU_ISA caps them, as it caps oneDNN's kernels
-    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else None
+    isa = _isa()
     if isa is None:  # the transforms' baseline build: never measured to win
         return None
     if bf16:
@@ -268,18 +281,21 @@ def winograd_cuts(tile: int = 2, bf16: bool = False) -> tuple[int, int] | None:
 
 def winograd_tile(attrs: Any, weight_shape: Any, out_shape: Any, bf16: bool) -> int | None:
     """The Winograd output tile (4 or 2) the shim runs a convolution (NHWC/OHWI) with, or None
-    for oneDNN's direct one: 3x3, stride and dilation 1, pads 0 or 1, channels and output size
-    at or above this CPU's cuts; F(4x4) at fp32 only."""
+    for oneDNN's direct one: 3x3, stride 1, pads from 0 to the dilation, channels and output
+    size at or above this CPU's cuts; F(4x4) at fp32 only; dilated (the same on both sides)
+    only F(4x4), where ``WINOGRAD_DILATED_ISAS`` lists this CPU."""
     import tvm
 
     o, kh, kw, c = (int(d) for d in weight_shape)
     size = [out_shape[1], out_shape[2]]
-    if not ((kh, kw) == (3, 3) and [*map(int, attrs.strides)] == [1, 1]
-            and [*map(int, attrs.dilation)] == [1, 1]
-            and all(int(p) in (0, 1) for p in attrs.padding)
+    dh, dw = map(int, attrs.dilation)
+    if not ((kh, kw) == (3, 3) and [*map(int, attrs.strides)] == [1, 1] and dh == dw
+            and all(0 <= int(p) <= dh for p in attrs.padding)
             and all(isinstance(d, tvm.tirx.IntImm) for d in size)):
         return None
-    for tile in (4, 2):
+    if dh > 1 and not (_isa() in WINOGRAD_DILATED_ISAS and not bf16):
+        return None
+    for tile in (4, 2) if dh == 1 else (4,):
         cuts = winograd_cuts(tile, bf16)
         if cuts and min(c, o) >= cuts[0] and min(int(d) for d in size) >= cuts[1]:
             return tile
@@ -423,8 +439,8 @@ def offload_convolutions(mod: Any, bf16: bool, winograd: bool = False) -> Any:
         compute = COMPUTE_BF16 if bf16 else COMPUTE_F32
         tile = winograd_tile(m[p.conv].attrs, m[p.w].ty.shape, m[p.conv].ty.shape, bf16) \
             if winograd else None
-        if pooled and tile is None:
-            return expr  # the fused pool is the Winograd output transform's
+        if pooled and (tile is None or int(m[p.conv].attrs.dilation[0]) != 1):
+            return expr  # the fused pool is the (undilated) Winograd output transform's
         if tile == 4:
             compute = COMPUTE_WINOGRAD_F4
         elif tile == 2:
@@ -672,11 +688,14 @@ def offload_l2norm(mod: Any) -> Any:
     return mod
 
 
-def winograd_gop(oh: int, ow: int, c: int, o: int, tile: int = 2) -> float:
+def winograd_gop(oh: int, ow: int, c: int, o: int, tile: int = 2, dilation: int = 1) -> float:
     """GOP (2 x MACs) of one image's Winograd F(tile x tile, 3x3) convolution: (tile + 2)^2
     products per tile x tile outputs (16 per 2x2, 36 per 4x4), where the direct convolution
-    does 9 per output."""
-    return 2 * (tile + 2) ** 2 * -(-oh // tile) * -(-ow // tile) * c * o / 1e9
+    does 9 per output. Dilated by d: d x d phases, each tiled as its largest (the first, with
+    ceil(oh / d) rows)."""
+    d = dilation
+    th, tw = (math.ceil(math.ceil(side / d) / tile) for side in (oh, ow))
+    return 2 * (tile + 2) ** 2 * d * d * th * tw * c * o / 1e9
 
 
 def _is_winograd(call: Any) -> bool:
@@ -690,9 +709,9 @@ def _is_winograd(call: Any) -> bool:
 def winograd_out_hw(h: int, w: int, ints: list[int]) -> tuple[int, int]:
     """A Winograd shim call's convolution output size (3x3, stride 1), before a fused pool,
     from its src's size and its integer arguments (strides 2, then pads top, left, bottom,
-    right)."""
-    pt, pl, pb, pr = ints[2:6]
-    return h + pt + pb - 2, w + pl + pr - 2
+    right, then dilations 2)."""
+    pt, pl, pb, pr, d = ints[2:7]
+    return h + pt + pb - 2 * d, w + pl + pr - 2 * d
 
 
 def count_ops(mod: Any) -> dict[str, int]:
@@ -747,7 +766,8 @@ def _float_conv_calls(mod: Any) -> list[tuple[float, float, int | None]]:
         out_hw = winograd_out_hw(*hw, ints) if tile else (int(e.ty.shape[1]), int(e.ty.shape[2]))
         # ints: strides 2, pads 4 (top, left, bottom, right), dilations 2, relu, compute
         direct = conv_gop(1, hw, out_hw, (kh, kw), c, o, ints[0:2], ints[2:4], ints[6:8])
-        found.append((direct, winograd_gop(*out_hw, c, o, tile) if tile else direct, tile))
+        found.append((direct, winograd_gop(*out_hw, c, o, tile, ints[6]) if tile else direct,
+                      tile))
 
     relax.analysis.post_order_visit(mod["main"], visit)
     return found

@@ -538,6 +538,20 @@ __attribute__((always_inline)) inline void OutputTilePool(const float* m, int64_
       if (keep[p][q]) Store<T>(y[p][q] + k, pooled[p][q]);
 }
 
+// Where tile t lies: its image n and its first output (oy, ox); its outputs are
+// (oy + dil p, ox + dil q) and its inputs (oy + dil i - pt, ox + dil j - pl). A convolution
+// dilated by dil is dil x dil undilated ones, one per phase (the outputs py + dil Y,
+// px + dil X), each covered by th x tw tiles: tiles run over (n, phase, tile row, tile column).
+// dil = 1 is the one phase.
+struct TilePos {
+  int64_t n, oy, ox;
+};
+__attribute__((always_inline)) inline TilePos TileAt(int64_t t, int64_t th, int64_t tw,
+                                                     int64_t dil, int m) {
+  const int64_t per = th * tw, phase = t / per % (dil * dil), ty = t / tw % th, tx = t % tw;
+  return {t / (per * dil * dil), phase / dil + dil * m * ty, phase % dil + dil * m * tx};
+}
+
 // Input tiles t0 + [lo, hi) of src (NHWC, N x H x W x C) into v[(M + 2)^2][tc][C], or
 // v[tc][(M + 2)^2][C] where `tile_major` (see Wino::grouped); tiles past the last (the padded
 // end of the last chunk) read zeros.
@@ -545,19 +559,19 @@ template <int M, int W, typename Src, typename S>
 __attribute__((always_inline)) inline void WinoInputTiles(
     const Src* src, S* v, const Src* zeros, int64_t t0, int64_t tc, int64_t tiles,
     int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl,
-    bool tile_major, int64_t lo, int64_t hi) {
+    int64_t dil, bool tile_major, int64_t lo, int64_t hi) {
   constexpr int A = M + 2;
   // elements from one tile to the next (ts), and from one of a tile's products to the next (ps)
   const int64_t ts = tile_major ? A * A * c : c, ps = tile_major ? c : tc * c;
   for (int64_t tl = lo; tl < hi; ++tl) {
     const int64_t t = t0 + tl;
-    const int64_t n = t / (th * tw), ty = t / tw % th, tx = t % tw;
+    const auto [n, oy, ox] = TileAt(t, th, tw, dil, M);
     const Src* d[A][A];
     #pragma GCC unroll 8
     for (int i = 0; i < A; ++i)
       #pragma GCC unroll 8
       for (int j = 0; j < A; ++j) {
-        const int64_t y = M * ty - pt + i, x = M * tx - pl + j;
+        const int64_t y = oy + dil * i - pt, x = ox + dil * j - pl;
         d[i][j] = (t < tiles && y >= 0 && y < h && x >= 0 && x < w)
                       ? src + ((n * h + y) * w + x) * c : zeros;
       }
@@ -573,23 +587,23 @@ __attribute__((always_inline)) inline void WinoInputTiles(
 template <int W, typename Src, typename S>
 __attribute__((always_inline)) inline void WinoInputAny(
     const Src* src, S* v, const Src* zeros, int64_t t0, int64_t tc, int64_t tiles, int64_t th,
-    int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl, int m, bool tile_major,
-    int64_t lo, int64_t hi) {
+    int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl, int64_t dil, int m,
+    bool tile_major, int64_t lo, int64_t hi) {
   if (m == 4)
-    WinoInputTiles<4, W>(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, tile_major, lo,
-                         hi);
+    WinoInputTiles<4, W>(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, dil, tile_major,
+                         lo, hi);
   else
-    WinoInputTiles<2, W>(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, tile_major, lo,
-                         hi);
+    WinoInputTiles<2, W>(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, dil, tile_major,
+                         lo, hi);
 }
 
 #define WINO_INPUT_T template <typename Src, typename S>
 #define WINO_INPUT_ARGS                                                                      \
   const Src *src, S *v, const Src *zeros, int64_t t0, int64_t tc, int64_t tiles, int64_t th, \
-      int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl, int m,            \
-      bool tile_major, int64_t lo, int64_t hi
+      int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl, int64_t dil,      \
+      int m, bool tile_major, int64_t lo, int64_t hi
 #define WINO_INPUT_PASS \
-  src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, m, tile_major, lo, hi
+  src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, dil, m, tile_major, lo, hi
 
 // NAME(ARGS): NAME##Any<W>(PASS) built for each instruction set with its vector width, and the
 // widest this CPU runs called (TEMPLATE, ARGS, PASS: macros, so their commas pass through)
@@ -611,31 +625,31 @@ PER_ISA(WinoInput, WINO_INPUT_T, WINO_INPUT_ARGS, WINO_INPUT_PASS)
 
 // m[(M + 2)^2][tc][O] (or m[tc][(M + 2)^2][O] where `tile_major`) of tiles t0 + [t_lo, t_hi)
 // -> their M x M outputs in dst (NHWC, D: float or bfloat16 bits), + bias (+ residual, of dst's
-// shape), ReLU. With POOL (a ReLU, no residual), their 2x2 max pools of stride 2 instead: dst is
-// ph x pw, the pool of the oh x ow outputs.
+// shape), ReLU; dil: see TileAt. With POOL (a ReLU, no residual, dil 1), their 2x2 max pools of
+// stride 2 instead: dst is ph x pw, the pool of the oh x ow outputs.
 template <int M, int W, bool POOL, typename R, typename D>
 __attribute__((always_inline)) inline void WinoOutputTiles(
     const float* m, const float* bias, const R* residual, D* dst, int64_t t0, int64_t tc,
     int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t ph, int64_t pw,
-    int64_t o, bool relu, bool tile_major, int64_t t_lo, int64_t t_hi) {
+    int64_t o, int64_t dil, bool relu, bool tile_major, int64_t t_lo, int64_t t_hi) {
   const float lo = relu ? 0.f : -INFINITY;
   const int64_t ts = tile_major ? (M + 2) * (M + 2) * o : o, ps = tile_major ? o : tc * o;
   for (int64_t tl = t_lo; tl < t_hi; ++tl) {
     const int64_t t = t0 + tl;
-    const int64_t n = t / (th * tw), ty = t / tw % th, tx = t % tw;
-    if constexpr (POOL) {
+    const auto [n, oy, ox] = TileAt(t, th, tw, dil, M);
+    if constexpr (POOL) {  // dil is 1: the tile's outputs are oy + [0, M), ox + [0, M)
       constexpr int P = M / 2;
       D* y[P][P];
       bool in[M][M], keep[P][P];
       #pragma GCC unroll 8
       for (int p = 0; p < M; ++p)
         #pragma GCC unroll 8
-        for (int q = 0; q < M; ++q) in[p][q] = M * ty + p < oh && M * tx + q < ow;
+        for (int q = 0; q < M; ++q) in[p][q] = oy + p < oh && ox + q < ow;
       #pragma GCC unroll 8
       for (int p = 0; p < P; ++p)
         #pragma GCC unroll 8
         for (int q = 0; q < P; ++q) {
-          const int64_t yy = P * ty + p, xx = P * tx + q;
+          const int64_t yy = oy / 2 + p, xx = ox / 2 + q;
           keep[p][q] = yy < ph && xx < pw;
           y[p][q] = dst + ((n * ph + std::min(yy, ph - 1)) * pw + std::min(xx, pw - 1)) * o;
         }
@@ -655,7 +669,7 @@ __attribute__((always_inline)) inline void WinoOutputTiles(
     for (int p = 0; p < M; ++p)
       #pragma GCC unroll 8
       for (int q = 0; q < M; ++q) {
-        const int64_t yy = M * ty + p, xx = M * tx + q;
+        const int64_t yy = oy + dil * p, xx = ox + dil * q;
         keep[p][q] = yy < oh && xx < ow;
         const int64_t at = ((n * oh + std::min(yy, oh - 1)) * ow + std::min(xx, ow - 1)) * o;
         y[p][q] = dst + at;
@@ -677,10 +691,11 @@ template <int W, typename R, typename D>
 __attribute__((always_inline)) inline void WinoOutputAny(
     const float* m, const float* bias, const R* residual, D* dst, int64_t t0, int64_t tc,
     int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t ph, int64_t pw,
-    int64_t o, bool relu, bool pool, int mt, bool tile_major, int64_t lo, int64_t hi) {
+    int64_t o, int64_t dil, bool relu, bool pool, int mt, bool tile_major, int64_t lo,
+    int64_t hi) {
 #define WINO_OUTPUT_TILES(M, POOL)                                                         \
   WinoOutputTiles<M, W, POOL>(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, ph, pw, \
-                              o, relu, tile_major, lo, hi)
+                              o, dil, relu, tile_major, lo, hi)
   if (mt == 4 && pool) WINO_OUTPUT_TILES(4, true);
   else if (mt == 4) WINO_OUTPUT_TILES(4, false);
   else if (pool) WINO_OUTPUT_TILES(2, true);
@@ -692,10 +707,11 @@ __attribute__((always_inline)) inline void WinoOutputAny(
 #define WINO_OUTPUT_ARGS                                                                    \
   const float *m, const float *bias, const R *residual, D *dst, int64_t t0, int64_t tc,     \
       int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t ph, int64_t pw, \
-      int64_t o, bool relu, bool pool, int mt, bool tile_major, int64_t lo, int64_t hi
-#define WINO_OUTPUT_PASS                                                                    \
-  m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, ph, pw, o, relu, pool, mt, tile_major, \
-      lo, hi
+      int64_t o, int64_t dil, bool relu, bool pool, int mt, bool tile_major, int64_t lo,    \
+      int64_t hi
+#define WINO_OUTPUT_PASS                                                                     \
+  m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, ph, pw, o, dil, relu, pool, mt,     \
+      tile_major, lo, hi
 
 // WinoOutput: products m of tiles t0 + [lo, hi) into dst (float, or bfloat16 bits), + bias
 // (+ residual, float or bfloat16 bits), ReLU (and the 2x2 max pool)
@@ -894,19 +910,21 @@ WinoBuffers& Buffers(int64_t np, int64_t tc, int64_t c, int64_t o, bool bf16, in
   return b;
 }
 
-// The Winograd path of conv2d_nhwc(_add): 3x3 kernels, stride and dilation 1, pads 0 or 1;
-// shapes were checked by RunF32. pool: dst is the 2x2 stride-2 max pool (ceil or floor mode,
-// by dst's size) of the ReLU'd output.
+// The Winograd path of conv2d_nhwc(_add): 3x3 kernels, stride 1, dilation dil (both sides),
+// pads 0 to dil; shapes were checked by RunF32. A dilated convolution runs as dil x dil
+// undilated ones (see TileAt). pool (dil 1): dst is the 2x2 stride-2 max pool (ceil or floor
+// mode, by dst's size) of the ReLU'd output.
 void RunWinograd(const TensorView& src, const TensorView& weight, const TensorView& bias,
                  const TensorView* residual, int64_t pt, int64_t pl, int64_t pb, int64_t pr,
-                 bool relu, bool pool, bool bf16, int mt, const TensorView& dst) {
+                 int64_t dil, bool relu, bool pool, bool bf16, int mt, const TensorView& dst) {
   const int64_t n = src.size(0), h = src.size(1), w = src.size(2), c = src.size(3);
-  const int64_t o = weight.size(0), oh = h + pt + pb - 2, ow = w + pl + pr - 2;
+  const int64_t o = weight.size(0), oh = h + pt + pb - 2 * dil, ow = w + pl + pr - 2 * dil;
   const int64_t ph = dst.size(1), pw = dst.size(2);
-  TVM_FFI_ICHECK(weight.size(1) == 3 && weight.size(2) == 3 && std::max({pt, pl, pb, pr}) <= 1 &&
-                 std::min({pt, pl, pb, pr}) >= 0)
-      << "winograd: 3x3 kernels, stride 1, dilation 1, pads 0 or 1 only";
+  TVM_FFI_ICHECK(weight.size(1) == 3 && weight.size(2) == 3 && dil >= 1 &&
+                 std::max({pt, pl, pb, pr}) <= dil && std::min({pt, pl, pb, pr}) >= 0)
+      << "winograd: 3x3 kernels, stride 1, pads from 0 to the dilation only";
   if (pool) {  // braces: the check macro is an if of its own
+    TVM_FFI_ICHECK(dil == 1) << "winograd + max pool: dilation 1 only";
     TVM_FFI_ICHECK(relu && residual == nullptr && (ph == oh / 2 || ph == (oh + 1) / 2) &&
                    (pw == ow / 2 || pw == (ow + 1) / 2))
         << "winograd + max pool: a ReLU, no residual, and dst the 2x2 stride-2 pool of the "
@@ -915,14 +933,17 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
     TVM_FFI_ICHECK(ph == oh && pw == ow) << "dst must be " << oh << "x" << ow << ", got " << ph
                                          << "x" << pw;
   }
-  const int64_t th = (oh + mt - 1) / mt, tw = (ow + mt - 1) / mt, tiles = n * th * tw;
+  // tiles of each phase (see TileAt): the first phase's rows and columns, the most any has
+  const int64_t th = ((oh + dil - 1) / dil + mt - 1) / mt;
+  const int64_t tw = ((ow + dil - 1) / dil + mt - 1) / mt;
+  const int64_t tiles = n * dil * dil * th * tw;
   const int64_t np = (mt + 2) * (mt + 2);
   const int64_t threads = omp_get_max_threads();
   // each thread on its own tiles where every thread can keep u cached (see below)
   const bool per_thread = threads > 1 && UBytes(mt, c, o, bf16) <= kSmallU;
   const int mode = g_products_mode.load(std::memory_order_relaxed);
   Key key;
-  key << n << h << w << c << o << pt << pl << pb << pr << bf16 << mt << weight.data_ptr()
+  key << n << h << w << c << o << pt << pl << pb << pr << dil << bf16 << mt << weight.data_ptr()
       << threads << per_thread << mode;
   auto wino = Cached(key.str(),
                      Fingerprint(static_cast<const float*>(weight.data_ptr()), weight.numel()),
@@ -945,28 +966,28 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
     const uint16_t* zh = buf.zeros_b.data();
     if (IsBf16(src))  // bfloat16 activations (checked by RunF32: only with bf16 products)
       WinoInput(static_cast<const uint16_t*>(src.data_ptr()), vh, zh, t0, tc, tiles, th, tw, h,
-                w, c, pt, pl, mt, grouped, lo, hi);
+                w, c, pt, pl, dil, mt, grouped, lo, hi);
     else if (bf16)
       WinoInput(static_cast<const float*>(src.data_ptr()), vh, zf, t0, tc, tiles, th, tw, h, w,
-                c, pt, pl, mt, grouped, lo, hi);
+                c, pt, pl, dil, mt, grouped, lo, hi);
     else
       WinoInput(static_cast<const float*>(src.data_ptr()), vf, zf, t0, tc, tiles, th, tw, h, w,
-                c, pt, pl, mt, grouped, lo, hi);
+                c, pt, pl, dil, mt, grouped, lo, hi);
   };
   auto output = [&](const WinoBuffers& buf, int64_t t0, int64_t lo, int64_t hi) {
     const float* mf = buf.m.data();
     if (res_b != nullptr && IsBf16(dst))
       WinoOutput(mf, b, res_b, static_cast<uint16_t*>(dst.data_ptr()), t0, tc, tiles, th, tw,
-                 oh, ow, ph, pw, o, relu, pool, mt, grouped, lo, hi);
+                 oh, ow, ph, pw, o, dil, relu, pool, mt, grouped, lo, hi);
     else if (res_b != nullptr)
       WinoOutput(mf, b, res_b, static_cast<float*>(dst.data_ptr()), t0, tc, tiles, th, tw, oh,
-                 ow, ph, pw, o, relu, pool, mt, grouped, lo, hi);
+                 ow, ph, pw, o, dil, relu, pool, mt, grouped, lo, hi);
     else if (IsBf16(dst))
       WinoOutput(mf, b, res, static_cast<uint16_t*>(dst.data_ptr()), t0, tc, tiles, th, tw, oh,
-                 ow, ph, pw, o, relu, pool, mt, grouped, lo, hi);
+                 ow, ph, pw, o, dil, relu, pool, mt, grouped, lo, hi);
     else
       WinoOutput(mf, b, res, static_cast<float*>(dst.data_ptr()), t0, tc, tiles, th, tw, oh, ow,
-                 ph, pw, o, relu, pool, mt, grouped, lo, hi);
+                 ph, pw, o, dil, relu, pool, mt, grouped, lo, hi);
   };
   using dt = dnnl::memory::data_type;
   using tag = dnnl::memory::format_tag;
@@ -1084,10 +1105,10 @@ void RunF32(TensorView src, TensorView weight, TensorView bias, const TensorView
       "a 2x2 stride-2 max pool), got " << relu;
   TVM_FFI_ICHECK(relu < 2 || compute >= 2) << "relu 2 (a fused max pool) needs a Winograd compute";
   if (compute >= 2) {
-    TVM_FFI_ICHECK(sh == 1 && sw == 1 && dh == 1 && dw == 1)
-        << "winograd: stride 1 and dilation 1 only";
-    RunWinograd(src, weight, bias, residual, pt, pl, pb, pr, relu != 0, relu == 2, compute == 3,
-                compute == 4 ? 4 : 2, dst);
+    TVM_FFI_ICHECK(sh == 1 && sw == 1 && dh == dw && dh >= 1)
+        << "winograd: stride 1 and the same dilation on both sides only";
+    RunWinograd(src, weight, bias, residual, pt, pl, pb, pr, dh, relu != 0, relu == 2,
+                compute == 3, compute == 4 ? 4 : 2, dst);
     return;
   }
   const int64_t bf16 = compute;
