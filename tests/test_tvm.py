@@ -130,13 +130,14 @@ def test_winograd_runs_where_it_measured_faster(model_name, precision, bundles):
     fractions read)."""
     import onnx
 
-    from ssd_pipeline.core.host import cpu_flags, has_vnni
+    from ssd_pipeline.core.host import has_vnni
     from ssd_pipeline.core.timing import conv_gflop_per_image, conv_gop
     from ssd_pipeline.engine.compile import (
         INT8_FLOAT_WINOGRAD_CUTS,
         WINOGRAD_DILATED_ISAS,
         winograd_cuts,
         winograd_gop,
+        winograd_isa,
     )
     from ssd_pipeline.engine.kernels import CONV2D_NHWC, CONV2D_NHWC_ADD
     from ssd_pipeline.engine.patterns import OC_BLOCK
@@ -154,8 +155,7 @@ def test_winograd_runs_where_it_measured_faster(model_name, precision, bundles):
     for g in head_groups(model.graph) if precision != "int8" else ():
         total = sum(width.pop(name) for name in g)
         width[g[0]] = total + -total % OC_BLOCK
-    flags = cpu_flags()
-    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else None
+    isa = winograd_isa()
     tiles: list[int] = []
     executed = direct = 0.0
     for node in model.graph.node:

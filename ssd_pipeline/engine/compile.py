@@ -260,8 +260,8 @@ def to_nhwc(mod: Any) -> Any:
     return relax.transform.FoldConstant()(mod)  # weight permutes become OHWI constants
 
 
-def _isa() -> str | None:
-    """The vector instruction set the cuts are keyed by: "avx512", "avx2" or None."""
+def winograd_isa() -> str | None:
+    """The vector instruction set the Winograd cuts are keyed by: "avx512", "avx2" or None."""
     flags = cpu_flags()  # ONEDNN_MAX_CPU_ISA caps them, as it caps oneDNN's kernels
     return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else None
 
@@ -271,7 +271,7 @@ def winograd_cuts(tile: int = 2, bf16: bool = False) -> tuple[int, int] | None:
     float32 or (``bf16``) bfloat16 products (``WINOGRAD_CUTS``, ``WINOGRAD_BF16_CUTS``,
     ``WINOGRAD_F4_CUTS``); None where it was not measured to win (F(4x4) at bf16: too
     inexact)."""
-    isa = _isa()
+    isa = winograd_isa()
     if isa is None:  # the transforms' baseline build: never measured to win
         return None
     if bf16:
@@ -293,7 +293,7 @@ def winograd_tile(attrs: Any, weight_shape: Any, out_shape: Any, bf16: bool) -> 
             and all(0 <= int(p) <= dh for p in attrs.padding)
             and all(isinstance(d, tvm.tirx.IntImm) for d in size)):
         return None
-    if dh > 1 and not (_isa() in WINOGRAD_DILATED_ISAS and not bf16):
+    if dh > 1 and not (winograd_isa() in WINOGRAD_DILATED_ISAS and not bf16):
         return None
     for tile in (4, 2) if dh == 1 else (4,):
         cuts = winograd_cuts(tile, bf16)
