@@ -404,6 +404,31 @@ def test_cuda_fp16_engine_compiles(artifacts, tmp_path, record_property):
         load_engine(tmp_path, spec)
 
 
+def test_tensor_intrinsics_import_leaves_inspect_answering_as_before():
+    """import_tensor_intrinsics records some frame file names as no module's, so that
+    inspect.stack() stops scanning sys.modules for them (a CUDA build spent minutes there):
+    inspect's answer for each must be the one its full scan gives, and no real module's file
+    may be among them."""
+    import inspect
+    import sys
+
+    from ssd_pipeline.engine.compile import NO_MODULE_FILES, import_tensor_intrinsics
+
+    import_tensor_intrinsics()
+    assert "tvm.s_tir.tensor_intrin" in sys.modules
+    frame = inspect.currentframe()
+    for name in NO_MODULE_FILES:
+        recorded = inspect.getmodule(frame, name)
+        saved = inspect.modulesbyfile.pop(name)
+        try:
+            scanned = inspect.getmodule(frame, name)
+        finally:
+            inspect.modulesbyfile[name] = saved
+        assert recorded is None and scanned is None, name
+    files = {getattr(m, "__file__", None) for m in list(sys.modules.values())}
+    assert not files & set(NO_MODULE_FILES)
+
+
 def test_cuda_build_survives_a_schedule_rule_that_raises(bundles, tmp_path):
     """dlight's Matmul rule raised a ScheduleError (its tensor-core path's compute-at) on one
     of the embedded model's fp16 convolutions, which aborted the whole build. The rule now

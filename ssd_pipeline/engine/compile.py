@@ -797,6 +797,29 @@ def float_conv_record(mod: Any) -> dict[str, Any]:
             "executed_gop_per_image": round(sum(f[1] for f in found), 4)}
 
 
+# Frame "files" that are no module's: inspect.getmodule scans all of sys.modules for each such
+# frame, every time, and finds none (see import_tensor_intrinsics)
+NO_MODULE_FILES = ("<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>",
+                    "<ast>")
+
+
+def import_tensor_intrinsics() -> None:
+    """Import ``tvm.s_tir.tensor_intrin`` (dlight's Matmul rule needs it) in seconds, not minutes.
+
+    Its ~500 TVMScript functions each call ``inspect.stack()``, which looks up the module of
+    every frame on the stack; for a frame of the import machinery or of TVMScript's evaluator
+    (``<ast>``) that lookup scans all of ``sys.modules`` and finds nothing. Measured on a Zen 3:
+    68 s in a fresh process, 144 s with torch and mmdet loaded, ~210 s under pytest. Recording
+    those names as belonging to no module gives the same answer (``None``) without the scan:
+    7-12 s."""
+    import inspect
+
+    cache = getattr(inspect, "modulesbyfile", None)  # CPython's file -> module name cache
+    for name in NO_MODULE_FILES if isinstance(cache, dict) else ():
+        cache.setdefault(name, "<no module>")  # not a key of sys.modules: getmodule -> None
+    import tvm.s_tir.tensor_intrin  # noqa: F401
+
+
 def _cuda_pipeline(mod: Any, spec: EngineSpec, target: Any) -> tuple[Any, list[str]]:
     """The Relax module lowered with dlight's default GPU schedules, and the functions where a
     rule raised instead of declining (the next rule scheduled them)."""
@@ -804,6 +827,7 @@ def _cuda_pipeline(mod: Any, spec: EngineSpec, target: Any) -> tuple[Any, list[s
     from tvm.s_tir import dlight as dl
     from tvm.s_tir.schedule import ScheduleError
 
+    import_tensor_intrinsics()
     refused: list[str] = []
 
     class Declining(dl.ScheduleRule):
