@@ -27,6 +27,7 @@
 #include <tvm/ffi/function.h>
 
 #include <omp.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -731,6 +732,17 @@ int64_t UBytes(int m, int64_t c, int64_t o, bool bf16) {
 }
 constexpr int64_t kSmallU = 8 << 20;
 
+// Bytes of transformed tiles per chunk where u is small: twice the L2, within the sizes that
+// measured best (2 MB on a Zen 4's 1 MB L2; on a Zen 3's 512 KB, 1 MB chunks took 0.96-0.98 of
+// 2 MB's time in SSD300's fp32 engine at bs 8 and 1, 4 MB 1.01); 2 MB where it is not reported
+int64_t SmallUChunk() {
+  static const int64_t bytes = [] {
+    const int64_t l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return l2 > 0 ? std::clamp<int64_t>(2 * l2, 1 << 20, 2 << 20) : int64_t{2} << 20;
+  }();
+  return bytes;
+}
+
 // y = G . x over three taps of a 3x3 kernel (double: the m = 4 constants are not exact in float)
 void FilterRow(int m, const double (&x)[3], double* y) {
   if (m == 2) {
@@ -764,9 +776,9 @@ std::shared_ptr<Wino> MakeWino(const TensorView& weight, int64_t tiles, bool bf1
   const int a = m + 2, np = a * a;  // input tile side, products per tile
   auto wino = std::make_shared<Wino>();
   // Chunk size. Each chunk's matmul streams all of the transformed weights u once. Where u is
-  // small (<= kSmallU) it stays cached, and 2 MB chunks keep the tiles and products in cache
-  // between the transforms and the matmul (SSD300 150x150 128->128 F(4x4) bs 8: 0.68 of the
-  // time with 32 MB chunks; 1 MB: 0.72). A larger u is read from memory once per chunk, so 32 MB
+  // small (<= kSmallU) it stays cached, and chunks of 1-2 MB (SmallUChunk) keep the tiles and
+  // products in cache between the transforms and the matmul (SSD300 150x150 128->128 F(4x4)
+  // bs 8, Zen 4: 0.68 of the time with 32 MB chunks; 1 MB: 0.72). A larger u is read from memory once per chunk, so 32 MB
   // chunks (38x38 512->512, u 38 MB: 2 MB chunks 1.17x the time; on AVX2 8 MB chunks ran the
   // matmul at ~100 GOP/s against ~140). Per thread (see RunWinograd), a chunk is one thread's.
   // Below AVX-512, 64 MB: on a native Zen 3 (512 KB L2, oneDNN's gemm:jit matmul) the large-u
@@ -774,7 +786,7 @@ std::shared_ptr<Wino> MakeWino(const TensorView& weight, int64_t tiles, bool bf1
   // at bs 8 (38x38 512->512: 800 tiles, one chunk) SSD300's fp32 engine took 0.92 (0.90-0.94)
   // of the time (128 MB: 0.91); on AVX-512 16 to 64 MB measured even (0.97-1.03).
   const int64_t big = VectorIsa() == Isa::kAvx512 ? (32 << 20) : (int64_t{64} << 20);
-  const int64_t chunk = UBytes(m, c, o, bf16) <= kSmallU ? (2 << 20) : big;
+  const int64_t chunk = UBytes(m, c, o, bf16) <= kSmallU ? SmallUChunk() : big;
   const int64_t own = per_thread ? (tiles + threads - 1) / threads : tiles;
   const int64_t budget = std::max<int64_t>(64, chunk / (np * 4 * std::max(c, o)));
   const int64_t chunks = (own + budget - 1) / budget;
