@@ -733,7 +733,7 @@ int64_t UBytes(int m, int64_t c, int64_t o, bool bf16) {
 constexpr int64_t kSmallU = 8 << 20;
 
 // Bytes of transformed tiles per chunk where u is small: twice the L2, within the sizes that
-// measured best (2 MB on a Zen 4's 1 MB L2; on a Zen 3's 512 KB, 1 MB chunks took 0.96-0.98 of
+// measured best (2 MB on a Zen 4's 1 MB L2; on a Zen 3's 512 KB, 1 MB chunks took 0.96-0.99 of
 // 2 MB's time in SSD300's fp32 engine at bs 8 and 1, 4 MB 1.01); 2 MB where it is not reported
 int64_t SmallUChunk() {
   static const int64_t bytes = [] {
@@ -778,13 +778,14 @@ std::shared_ptr<Wino> MakeWino(const TensorView& weight, int64_t tiles, bool bf1
   // Chunk size. Each chunk's matmul streams all of the transformed weights u once. Where u is
   // small (<= kSmallU) it stays cached, and chunks of 1-2 MB (SmallUChunk) keep the tiles and
   // products in cache between the transforms and the matmul (SSD300 150x150 128->128 F(4x4)
-  // bs 8, Zen 4: 0.68 of the time with 32 MB chunks; 1 MB: 0.72). A larger u is read from memory once per chunk, so 32 MB
-  // chunks (38x38 512->512, u 38 MB: 2 MB chunks 1.17x the time; on AVX2 8 MB chunks ran the
-  // matmul at ~100 GOP/s against ~140). Per thread (see RunWinograd), a chunk is one thread's.
-  // Below AVX-512, 64 MB: on a native Zen 3 (512 KB L2, oneDNN's gemm:jit matmul) the large-u
-  // layers' products ran at ~86 GOP/s against the matmul's 139, and with u read once per call
-  // at bs 8 (38x38 512->512: 800 tiles, one chunk) SSD300's fp32 engine took 0.92 (0.90-0.94)
-  // of the time (128 MB: 0.91); on AVX-512 16 to 64 MB measured even (0.97-1.03).
+  // bs 8, Zen 4: 0.68 of the time with 32 MB chunks; 1 MB: 0.72). A larger u is read from
+  // memory once per chunk, so 32 MB chunks (38x38 512->512, u 38 MB: 2 MB chunks 1.17x the
+  // time; on AVX2 8 MB chunks ran the matmul at ~100 GOP/s against ~140). Per thread (see
+  // RunWinograd), a chunk is one thread's. Below AVX-512, 64 MB: on a native Zen 3 (512 KB
+  // L2, oneDNN's gemm:jit matmul) the large-u layers' products ran at ~86 GOP/s against the
+  // matmul's 139, and with u read once per call at bs 8 (38x38 512->512: 800 tiles, one
+  // chunk) SSD300's fp32 engine took 0.92 (0.90-0.94) of the time (128 MB: 0.91); on AVX-512
+  // 16 to 64 MB measured even (0.97-1.03).
   const int64_t big = VectorIsa() == Isa::kAvx512 ? (32 << 20) : (int64_t{64} << 20);
   const int64_t chunk = UBytes(m, c, o, bf16) <= kSmallU ? SmallUChunk() : big;
   const int64_t own = per_thread ? (tiles + threads - 1) / threads : tiles;
