@@ -815,8 +815,9 @@ def import_tensor_intrinsics() -> None:
     import inspect
 
     cache = getattr(inspect, "modulesbyfile", None)  # CPython's file -> module name cache
-    for name in NO_MODULE_FILES if isinstance(cache, dict) else ():
-        cache.setdefault(name, "<no module>")  # not a key of sys.modules: getmodule -> None
+    if isinstance(cache, dict):
+        for name in NO_MODULE_FILES:
+            cache.setdefault(name, "<no module>")  # not a key of sys.modules: getmodule -> None
     import tvm.s_tir.tensor_intrin  # noqa: F401
 
 
