@@ -268,6 +268,8 @@ struct Wino {
   dnnl::memory u;          // G g G^T of every (c, o), in the primitive's weights format
   Print fingerprint{};
   int64_t tc = 0;  // tiles per chunk (the last chunk is padded with unused tiles)
+  int64_t vs = 0, ms = 0;  // elements from one tile position to the next in v and m (see
+                           // PositionStride; tile-major chunks ignore them)
   int m = 2;       // output tile side
   bool bf16 = false;  // the products in bfloat16: v and u bfloat16, m float32
   int64_t scratch = 0;  // bytes of a per-thread matmul's scratchpad (see RunWinograd)
@@ -553,17 +555,17 @@ __attribute__((always_inline)) inline TilePos TileAt(int64_t t, int64_t th, int6
   return {t / (per * dil * dil), phase / dil + dil * m * ty, phase % dil + dil * m * tx};
 }
 
-// Input tiles t0 + [lo, hi) of src (NHWC, N x H x W x C) into v[(M + 2)^2][tc][C], or
-// v[tc][(M + 2)^2][C] where `tile_major` (see Wino::grouped); tiles past the last (the padded
-// end of the last chunk) read zeros.
+// Input tiles t0 + [lo, hi) of src (NHWC, N x H x W x C) into v[(M + 2)^2][tc][C], its
+// positions vs elements apart, or v[tc][(M + 2)^2][C] where `tile_major` (see Wino::grouped);
+// tiles past the last (the padded end of the last chunk) read zeros.
 template <int M, int W, typename Src, typename S>
 __attribute__((always_inline)) inline void WinoInputTiles(
-    const Src* src, S* v, const Src* zeros, int64_t t0, int64_t tc, int64_t tiles,
+    const Src* src, S* v, const Src* zeros, int64_t t0, int64_t vs, int64_t tiles,
     int64_t th, int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl,
     int64_t dil, bool tile_major, int64_t lo, int64_t hi) {
   constexpr int A = M + 2;
   // elements from one tile to the next (ts), and from one of a tile's products to the next (ps)
-  const int64_t ts = tile_major ? A * A * c : c, ps = tile_major ? c : tc * c;
+  const int64_t ts = tile_major ? A * A * c : c, ps = tile_major ? c : vs;
   for (int64_t tl = lo; tl < hi; ++tl) {
     const int64_t t = t0 + tl;
     const auto [n, oy, ox] = TileAt(t, th, tw, dil, M);
@@ -587,24 +589,24 @@ __attribute__((always_inline)) inline void WinoInputTiles(
 // Input tiles [lo, hi) of one chunk, W channels a vector (16, or 8)
 template <int W, typename Src, typename S>
 __attribute__((always_inline)) inline void WinoInputAny(
-    const Src* src, S* v, const Src* zeros, int64_t t0, int64_t tc, int64_t tiles, int64_t th,
+    const Src* src, S* v, const Src* zeros, int64_t t0, int64_t vs, int64_t tiles, int64_t th,
     int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl, int64_t dil, int m,
     bool tile_major, int64_t lo, int64_t hi) {
   if (m == 4)
-    WinoInputTiles<4, W>(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, dil, tile_major,
+    WinoInputTiles<4, W>(src, v, zeros, t0, vs, tiles, th, tw, h, w, c, pt, pl, dil, tile_major,
                          lo, hi);
   else
-    WinoInputTiles<2, W>(src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, dil, tile_major,
+    WinoInputTiles<2, W>(src, v, zeros, t0, vs, tiles, th, tw, h, w, c, pt, pl, dil, tile_major,
                          lo, hi);
 }
 
 #define WINO_INPUT_T template <typename Src, typename S>
 #define WINO_INPUT_ARGS                                                                      \
-  const Src *src, S *v, const Src *zeros, int64_t t0, int64_t tc, int64_t tiles, int64_t th, \
+  const Src *src, S *v, const Src *zeros, int64_t t0, int64_t vs, int64_t tiles, int64_t th, \
       int64_t tw, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl, int64_t dil,      \
       int m, bool tile_major, int64_t lo, int64_t hi
 #define WINO_INPUT_PASS \
-  src, v, zeros, t0, tc, tiles, th, tw, h, w, c, pt, pl, dil, m, tile_major, lo, hi
+  src, v, zeros, t0, vs, tiles, th, tw, h, w, c, pt, pl, dil, m, tile_major, lo, hi
 
 // NAME(ARGS): NAME##Any<W>(PASS) built for each instruction set with its vector width, and the
 // widest this CPU runs called (TEMPLATE, ARGS, PASS: macros, so their commas pass through)
@@ -624,17 +626,18 @@ __attribute__((always_inline)) inline void WinoInputAny(
 // bits)
 PER_ISA(WinoInput, WINO_INPUT_T, WINO_INPUT_ARGS, WINO_INPUT_PASS)
 
-// m[(M + 2)^2][tc][O] (or m[tc][(M + 2)^2][O] where `tile_major`) of tiles t0 + [t_lo, t_hi)
+// m[(M + 2)^2][tc][O], its positions ms elements apart (or m[tc][(M + 2)^2][O] where
+// `tile_major`) of tiles t0 + [t_lo, t_hi)
 // -> their M x M outputs in dst (NHWC, D: float or bfloat16 bits), + bias (+ residual, of dst's
 // shape), ReLU; dil: see TileAt. With POOL (a ReLU, no residual, dil 1), their 2x2 max pools of
 // stride 2 instead: dst is ph x pw, the pool of the oh x ow outputs.
 template <int M, int W, bool POOL, typename R, typename D>
 __attribute__((always_inline)) inline void WinoOutputTiles(
-    const float* m, const float* bias, const R* residual, D* dst, int64_t t0, int64_t tc,
+    const float* m, const float* bias, const R* residual, D* dst, int64_t t0, int64_t ms,
     int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t ph, int64_t pw,
     int64_t o, int64_t dil, bool relu, bool tile_major, int64_t t_lo, int64_t t_hi) {
   const float lo = relu ? 0.f : -INFINITY;
-  const int64_t ts = tile_major ? (M + 2) * (M + 2) * o : o, ps = tile_major ? o : tc * o;
+  const int64_t ts = tile_major ? (M + 2) * (M + 2) * o : o, ps = tile_major ? o : ms;
   for (int64_t tl = t_lo; tl < t_hi; ++tl) {
     const int64_t t = t0 + tl;
     const auto [n, oy, ox] = TileAt(t, th, tw, dil, M);
@@ -690,12 +693,12 @@ __attribute__((always_inline)) inline void WinoOutputTiles(
 // (pool: see WinoOutputTiles)
 template <int W, typename R, typename D>
 __attribute__((always_inline)) inline void WinoOutputAny(
-    const float* m, const float* bias, const R* residual, D* dst, int64_t t0, int64_t tc,
+    const float* m, const float* bias, const R* residual, D* dst, int64_t t0, int64_t ms,
     int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t ph, int64_t pw,
     int64_t o, int64_t dil, bool relu, bool pool, int mt, bool tile_major, int64_t lo,
     int64_t hi) {
 #define WINO_OUTPUT_TILES(M, POOL)                                                         \
-  WinoOutputTiles<M, W, POOL>(m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, ph, pw, \
+  WinoOutputTiles<M, W, POOL>(m, bias, residual, dst, t0, ms, tiles, th, tw, oh, ow, ph, pw, \
                               o, dil, relu, tile_major, lo, hi)
   if (mt == 4 && pool) WINO_OUTPUT_TILES(4, true);
   else if (mt == 4) WINO_OUTPUT_TILES(4, false);
@@ -706,12 +709,12 @@ __attribute__((always_inline)) inline void WinoOutputAny(
 
 #define WINO_OUTPUT_T template <typename R, typename D>
 #define WINO_OUTPUT_ARGS                                                                    \
-  const float *m, const float *bias, const R *residual, D *dst, int64_t t0, int64_t tc,     \
+  const float *m, const float *bias, const R *residual, D *dst, int64_t t0, int64_t ms,     \
       int64_t tiles, int64_t th, int64_t tw, int64_t oh, int64_t ow, int64_t ph, int64_t pw, \
       int64_t o, int64_t dil, bool relu, bool pool, int mt, bool tile_major, int64_t lo,    \
       int64_t hi
 #define WINO_OUTPUT_PASS                                                                     \
-  m, bias, residual, dst, t0, tc, tiles, th, tw, oh, ow, ph, pw, o, dil, relu, pool, mt,     \
+  m, bias, residual, dst, t0, ms, tiles, th, tw, oh, ow, ph, pw, o, dil, relu, pool, mt,     \
       tile_major, lo, hi
 
 // WinoOutput: products m of tiles t0 + [lo, hi) into dst (float, or bfloat16 bits), + bias
@@ -741,6 +744,20 @@ int64_t SmallUChunk() {
     return l2 > 0 ? std::clamp<int64_t>(2 * l2, 1 << 20, 2 << 20) : int64_t{2} << 20;
   }();
   return bytes;
+}
+
+// Elements from one of a position-major chunk's (m + 2)^2 tile positions to the next: tc x n
+// (n = C in v, O in m) of `bytes` each, rounded up to a whole number of cache lines, and to an
+// odd one. The transforms write (v) and read (m) all positions of a tile together, (m + 2)^2
+// streams this far apart; where tc x n x bytes was a multiple of 4 KB (tc even at C = 512,
+// tc a multiple of 4 at 256: SSD300's 38x38 and 75x75 layers at bs 8) they all fell in one set
+// of the L1 and L2 caches, and a transform took 2.3x as long (75x75 256->256, 64 tiles a chunk
+// against 65: 9.9 against 4.3 us a tile). An odd number of lines puts them in distinct sets.
+// oneDNN's matmul reads and writes such batch strides at the dense layout's speed.
+int64_t PositionStride(int64_t tc, int64_t n, int64_t bytes) {
+  int64_t lines = (tc * n * bytes + 63) / 64;
+  if (lines % 2 == 0) ++lines;
+  return lines * 64 / bytes;
 }
 
 // y = G . x over three taps of a 3x3 kernel (double: the m = 4 constants are not exact in float)
@@ -792,6 +809,8 @@ std::shared_ptr<Wino> MakeWino(const TensorView& weight, int64_t tiles, bool bf1
   const int64_t budget = std::max<int64_t>(64, chunk / (np * 4 * std::max(c, o)));
   const int64_t chunks = (own + budget - 1) / budget;
   wino->tc = (own + chunks - 1) / chunks;
+  wino->vs = PositionStride(wino->tc, c, bf16 ? 2 : 4);
+  wino->ms = PositionStride(wino->tc, o, 4);
   wino->m = m;
   wino->bf16 = bf16;
   const dt products = bf16 ? dt::bf16 : dt::f32;
@@ -801,9 +820,9 @@ std::shared_ptr<Wino> MakeWino(const TensorView& weight, int64_t tiles, bool bf1
   const int before = omp_get_max_threads();
   if (per_thread) omp_set_num_threads(1);
   auto pd = dnnl::matmul::primitive_desc(
-      CpuEngine(), dnnl::memory::desc({np, wino->tc, c}, products, tag::abc),
+      CpuEngine(), dnnl::memory::desc({np, wino->tc, c}, products, {wino->vs, c, 1}),
       dnnl::memory::desc({np, c, o}, products, tag::any),
-      dnnl::memory::desc({np, wino->tc, o}, dt::f32, tag::abc), attr);
+      dnnl::memory::desc({np, wino->tc, o}, dt::f32, {wino->ms, o, 1}), attr);
   if (per_thread) omp_set_num_threads(before);
   wino->matmul = dnnl::matmul(pd);
   wino->scratch = per_thread ? static_cast<int64_t>(pd.scratchpad_desc().get_size()) : 0;
@@ -899,24 +918,26 @@ struct WinoBuffers {
   LineBuffer<uint8_t> scratch;
   std::vector<float> zeros;
   std::vector<uint16_t> zeros_b;  // bfloat16 zero is 0
-  dnnl::memory Tiles(int64_t np, int64_t tc, int64_t c, bool bf16) {
+  // [P][tc][C] and [P][tc][O], their positions vs and ms elements apart (PositionStride)
+  dnnl::memory Tiles(int64_t np, int64_t tc, int64_t c, int64_t vs, bool bf16) {
     return dnnl::memory({{np, tc, c}, bf16 ? dnnl::memory::data_type::bf16
-                                           : dnnl::memory::data_type::f32,
-                         dnnl::memory::format_tag::abc},
+                                           : dnnl::memory::data_type::f32, {vs, c, 1}},
                         CpuEngine(), bf16 ? static_cast<void*>(vb.data()) : v.data());
   }
-  dnnl::memory Products(int64_t np, int64_t tc, int64_t o) {
-    return dnnl::memory({{np, tc, o}, dnnl::memory::data_type::f32,
-                         dnnl::memory::format_tag::abc}, CpuEngine(), m.data());
+  dnnl::memory Products(int64_t np, int64_t tc, int64_t o, int64_t ms) {
+    return dnnl::memory({{np, tc, o}, dnnl::memory::data_type::f32, {ms, o, 1}}, CpuEngine(),
+                        m.data());
   }
 };
 
-// The calling thread's buffers, grown to fit
-WinoBuffers& Buffers(int64_t np, int64_t tc, int64_t c, int64_t o, bool bf16, int64_t scratch) {
+// The calling thread's buffers, grown to fit w's chunks (c channels in, o out)
+WinoBuffers& Buffers(const Wino& w, int64_t c, int64_t o, int64_t scratch) {
   thread_local WinoBuffers b;
-  if (bf16) b.vb.Grow(np * tc * c);
-  else b.v.Grow(np * tc * c);
-  b.m.Grow(np * tc * o);
+  const int64_t np = (w.m + 2) * (w.m + 2);
+  // np strides: a position-major chunk, and no less than a tile-major one (np x tc x n)
+  if (w.bf16) b.vb.Grow(np * w.vs);
+  else b.v.Grow(np * w.vs);
+  b.m.Grow(np * w.ms);
   b.scratch.Grow(std::max<int64_t>(scratch, 1));
   if (static_cast<int64_t>(b.zeros.size()) < c) b.zeros.assign(c, 0.f);
   if (static_cast<int64_t>(b.zeros_b.size()) < c) b.zeros_b.assign(c, 0);
@@ -961,7 +982,7 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
   auto wino = Cached(key.str(),
                      Fingerprint(static_cast<const float*>(weight.data_ptr()), weight.numel()),
                      [&] { return MakeWino(weight, tiles, bf16, mt, threads, per_thread, mode); });
-  const int64_t tc = wino->tc;
+  const int64_t tc = wino->tc, vs = wino->vs, ms = wino->ms;
   const bool grouped = wino->grouped;  // tiles and products tile-major
   const bool timed = g_phase_timing.load(std::memory_order_relaxed);
   // a residual in float32 or in bfloat16 (a bfloat16 engine's activation)
@@ -978,28 +999,28 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
     const float* zf = buf.zeros.data();
     const uint16_t* zh = buf.zeros_b.data();
     if (IsBf16(src))  // bfloat16 activations (checked by RunF32: only with bf16 products)
-      WinoInput(static_cast<const uint16_t*>(src.data_ptr()), vh, zh, t0, tc, tiles, th, tw, h,
+      WinoInput(static_cast<const uint16_t*>(src.data_ptr()), vh, zh, t0, vs, tiles, th, tw, h,
                 w, c, pt, pl, dil, mt, grouped, lo, hi);
     else if (bf16)
-      WinoInput(static_cast<const float*>(src.data_ptr()), vh, zf, t0, tc, tiles, th, tw, h, w,
+      WinoInput(static_cast<const float*>(src.data_ptr()), vh, zf, t0, vs, tiles, th, tw, h, w,
                 c, pt, pl, dil, mt, grouped, lo, hi);
     else
-      WinoInput(static_cast<const float*>(src.data_ptr()), vf, zf, t0, tc, tiles, th, tw, h, w,
+      WinoInput(static_cast<const float*>(src.data_ptr()), vf, zf, t0, vs, tiles, th, tw, h, w,
                 c, pt, pl, dil, mt, grouped, lo, hi);
   };
   auto output = [&](const WinoBuffers& buf, int64_t t0, int64_t lo, int64_t hi) {
     const float* mf = buf.m.data();
     if (res_b != nullptr && IsBf16(dst))
-      WinoOutput(mf, b, res_b, static_cast<uint16_t*>(dst.data_ptr()), t0, tc, tiles, th, tw,
+      WinoOutput(mf, b, res_b, static_cast<uint16_t*>(dst.data_ptr()), t0, ms, tiles, th, tw,
                  oh, ow, ph, pw, o, dil, relu, pool, mt, grouped, lo, hi);
     else if (res_b != nullptr)
-      WinoOutput(mf, b, res_b, static_cast<float*>(dst.data_ptr()), t0, tc, tiles, th, tw, oh,
+      WinoOutput(mf, b, res_b, static_cast<float*>(dst.data_ptr()), t0, ms, tiles, th, tw, oh,
                  ow, ph, pw, o, dil, relu, pool, mt, grouped, lo, hi);
     else if (IsBf16(dst))
-      WinoOutput(mf, b, res, static_cast<uint16_t*>(dst.data_ptr()), t0, tc, tiles, th, tw, oh,
+      WinoOutput(mf, b, res, static_cast<uint16_t*>(dst.data_ptr()), t0, ms, tiles, th, tw, oh,
                  ow, ph, pw, o, dil, relu, pool, mt, grouped, lo, hi);
     else
-      WinoOutput(mf, b, res, static_cast<float*>(dst.data_ptr()), t0, tc, tiles, th, tw, oh, ow,
+      WinoOutput(mf, b, res, static_cast<float*>(dst.data_ptr()), t0, ms, tiles, th, tw, oh, ow,
                  ph, pw, o, dil, relu, pool, mt, grouped, lo, hi);
   };
   using dt = dnnl::memory::data_type;
@@ -1017,9 +1038,9 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
     {
       const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
       const int64_t lo = tiles * id / nt, hi = tiles * (id + 1) / nt;
-      WinoBuffers& buf = Buffers(np, tc, c, o, bf16, wino->scratch);  // this worker's own
+      WinoBuffers& buf = Buffers(*wino, c, o, wino->scratch);  // this worker's own
       dnnl::stream& ts = Stream();
-      dnnl::memory v_m = buf.Tiles(np, tc, c, bf16), m_m = buf.Products(np, tc, o);
+      dnnl::memory v_m = buf.Tiles(np, tc, c, vs, bf16), m_m = buf.Products(np, tc, o, ms);
       dnnl::memory s_m({{std::max<int64_t>(wino->scratch, 1)}, dt::u8, tag::a}, eng,
                        buf.scratch.data());
       std::array<double, 4> at{}, mine{};
@@ -1051,9 +1072,9 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
   }
   // the calling thread's buffers (engines may run on several threads at once), bound here:
   // inside the parallel regions below, Buffers() would be each worker's own
-  WinoBuffers& buf = Buffers(np, tc, c, o, bf16, 0);
+  WinoBuffers& buf = Buffers(*wino, c, o, 0);
   dnnl::stream& s = Stream();
-  dnnl::memory v_m = buf.Tiles(np, tc, c, bf16), m_m = buf.Products(np, tc, o);
+  dnnl::memory v_m = buf.Tiles(np, tc, c, vs, bf16), m_m = buf.Products(np, tc, o, ms);
   if (grouped) {  // the same buffers as 1 x (P C) x tc x 1 and 1 x (P O) x tc x 1, NHWC
     v_m = dnnl::memory({{1, np * c, tc, 1}, dt::f32, tag::nhwc}, eng, buf.v.data());
     m_m = dnnl::memory({{1, np * o, tc, 1}, dt::f32, tag::nhwc}, eng, buf.m.data());
