@@ -810,8 +810,8 @@ int64_t SmallUChunk() {
 // (n = C in v, O in m) of `bytes` each, rounded up to a whole number of cache lines, and to an
 // odd one. The transforms write (v) and read (m) all positions of a tile together, (m + 2)^2
 // streams this far apart; where tc x n x bytes was a multiple of 4 KB (tc even at C = 512,
-// tc a multiple of 4 at 256: SSD300's 38x38 and 75x75 layers at bs 8) they all fell in one set
-// of the L1 and L2 caches, and a transform took 2.3x as long (75x75 256->256, 64 tiles a chunk
+// a multiple of 4 at 256: SSD300's 150x150, 75x75 and 38x38 layers at bs 8) they all fell in
+// one set of the L1 and L2 caches, and a transform took 2.3x as long (75x75 256->256, 64 tiles a chunk
 // against 65: 9.9 against 4.3 us a tile). An odd number of lines puts them in distinct sets.
 // oneDNN's matmul reads and writes such batch strides at the dense layout's speed.
 int64_t PositionStride(int64_t tc, int64_t n, int64_t bytes) {
