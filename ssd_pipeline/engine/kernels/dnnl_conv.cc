@@ -566,35 +566,31 @@ __attribute__((always_inline)) inline void WinoInputTiles(
   constexpr int A = M + 2;
   // elements from one tile to the next (ts), and from one of a tile's products to the next (ps)
   const int64_t ts = tile_major ? A * A * c : c, ps = tile_major ? c : vs;
+  // tile t's input (i, j): its pixel, or zeros outside the image and past the last tile
+  auto input = [&](int64_t t, const TilePos& p, int i, int j) -> const Src* {
+    const int64_t y = p.oy + dil * i - pt, x = p.ox + dil * j - pl;
+    return (t < tiles && y >= 0 && y < h && x >= 0 && x < w)
+               ? src + ((p.n * h + y) * w + x) * c : zeros;
+  };
   for (int64_t tl = lo; tl < hi; ++tl) {
     const int64_t t = t0 + tl;
-    const auto [n, oy, ox] = TileAt(t, th, tw, dil, M);
+    const TilePos at = TileAt(t, th, tw, dil, M);
     const Src* d[A][A];
     #pragma GCC unroll 8
     for (int i = 0; i < A; ++i)
       #pragma GCC unroll 8
-      for (int j = 0; j < A; ++j) {
-        const int64_t y = oy + dil * i - pt, x = ox + dil * j - pl;
-        d[i][j] = (t < tiles && y >= 0 && y < h && x >= 0 && x < w)
-                      ? src + ((n * h + y) * w + x) * c : zeros;
-      }
+      for (int j = 0; j < A; ++j) d[i][j] = input(t, at, i, j);
     // The next tile's inputs, its columns 2 to M + 1 (its first two are this tile's last two),
     // prefetched a cache line ahead of this tile's channels: the source of SSD300's large
     // layers streams from memory, 36 short runs a tile that the hardware prefetchers do not
     // follow. On a Zen 3, SSD300 fp32 at bs 8 took 0.957 (0.909-0.975) of the time, its input
     // transforms 132 ms against 186 (conv1_2 29 against 47).
     const Src* next[A][A - 2];
-    {
-      const auto [nn, noy, nox] = TileAt(t + 1, th, tw, dil, M);
+    const TilePos after = TileAt(t + 1, th, tw, dil, M);
+    #pragma GCC unroll 8
+    for (int i = 0; i < A; ++i)
       #pragma GCC unroll 8
-      for (int i = 0; i < A; ++i)
-        #pragma GCC unroll 8
-        for (int j = 2; j < A; ++j) {
-          const int64_t y = noy + dil * i - pt, x = nox + dil * j - pl;
-          next[i][j - 2] = (t + 1 < tiles && y >= 0 && y < h && x >= 0 && x < w)
-                               ? src + ((nn * h + y) * w + x) * c : zeros;
-        }
-    }
+      for (int j = 2; j < A; ++j) next[i][j - 2] = input(t + 1, after, i, j);
     auto prefetch = [&](int64_t k) {
       if (k % (64 / sizeof(Src)) != 0) return;
       #pragma GCC unroll 8
@@ -668,6 +664,14 @@ __attribute__((always_inline)) inline void WinoOutputTiles(
     int64_t o, int64_t dil, bool relu, bool tile_major, int64_t t_lo, int64_t t_hi) {
   const float lo = relu ? 0.f : -INFINITY;
   const int64_t ts = tile_major ? (M + 2) * (M + 2) * o : o, ps = tile_major ? o : ms;
+  // where output (yy, xx) of image n, and pooled output (yy, xx), lie in dst; clamped, so a
+  // tile's outputs past the edge have an address (their stores are masked by `keep`)
+  auto out = [&](int64_t n, int64_t yy, int64_t xx) {
+    return ((n * oh + std::min(yy, oh - 1)) * ow + std::min(xx, ow - 1)) * o;
+  };
+  auto pooled = [&](int64_t n, int64_t yy, int64_t xx) {
+    return ((n * ph + std::min(yy, ph - 1)) * pw + std::min(xx, pw - 1)) * o;
+  };
   for (int64_t tl = t_lo; tl < t_hi; ++tl) {
     const int64_t t = t0 + tl;
     const auto [n, oy, ox] = TileAt(t, th, tw, dil, M);
@@ -682,13 +686,11 @@ __attribute__((always_inline)) inline void WinoOutputTiles(
       if constexpr (POOL)
         for (int p = 0; p < P; ++p)
           for (int q = 0; q < P; ++q)
-            next[count++] = dst + ((nn * ph + std::min(noy / 2 + p, ph - 1)) * pw +
-                                   std::min(nox / 2 + q, pw - 1)) * o;
+            next[count++] = dst + pooled(nn, noy / 2 + p, nox / 2 + q);
       else
         for (int p = 0; p < M; ++p)
           for (int q = 0; q < M; ++q)
-            next[count++] = dst + ((nn * oh + std::min(noy + dil * p, oh - 1)) * ow +
-                                   std::min(nox + dil * q, ow - 1)) * o;
+            next[count++] = dst + out(nn, noy + dil * p, nox + dil * q);
     }
     auto prefetch = [&](int64_t k) {
       if (k % (64 / sizeof(D)) != 0) return;
@@ -707,7 +709,7 @@ __attribute__((always_inline)) inline void WinoOutputTiles(
         for (int q = 0; q < P; ++q) {
           const int64_t yy = oy / 2 + p, xx = ox / 2 + q;
           keep[p][q] = yy < ph && xx < pw;
-          y[p][q] = dst + ((n * ph + std::min(yy, ph - 1)) * pw + std::min(xx, pw - 1)) * o;
+          y[p][q] = dst + pooled(n, yy, xx);
         }
       int64_t k = 0;
       if constexpr (W == 16)
@@ -731,7 +733,7 @@ __attribute__((always_inline)) inline void WinoOutputTiles(
       for (int q = 0; q < M; ++q) {
         const int64_t yy = oy + dil * p, xx = ox + dil * q;
         keep[p][q] = yy < oh && xx < ow;
-        const int64_t at = ((n * oh + std::min(yy, oh - 1)) * ow + std::min(xx, ow - 1)) * o;
+        const int64_t at = out(n, yy, xx);
         y[p][q] = dst + at;
         r[p][q] = residual != nullptr ? residual + at : nullptr;
       }
@@ -990,8 +992,8 @@ struct WinoBuffers {
   }
 };
 
-// The calling thread's buffers, grown to fit w's chunks (c channels in, o out)
-WinoBuffers& Buffers(const Wino& w, int64_t c, int64_t o, int64_t scratch) {
+// The calling thread's buffers, grown to fit w's chunks (c channels in)
+WinoBuffers& Buffers(const Wino& w, int64_t c, int64_t scratch) {
   thread_local WinoBuffers b;
   const int64_t np = (w.m + 2) * (w.m + 2);
   // np strides: a position-major chunk, and no less than a tile-major one (np x tc x n)
@@ -1098,7 +1100,7 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
     {
       const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
       const int64_t lo = tiles * id / nt, hi = tiles * (id + 1) / nt;
-      WinoBuffers& buf = Buffers(*wino, c, o, wino->scratch);  // this worker's own
+      WinoBuffers& buf = Buffers(*wino, c, wino->scratch);  // this worker's own
       dnnl::stream& ts = Stream();
       dnnl::memory v_m = buf.Tiles(np, tc, c, vs, bf16), m_m = buf.Products(np, tc, o, ms);
       dnnl::memory s_m({{std::max<int64_t>(wino->scratch, 1)}, dt::u8, tag::a}, eng,
@@ -1132,7 +1134,7 @@ void RunWinograd(const TensorView& src, const TensorView& weight, const TensorVi
   }
   // the calling thread's buffers (engines may run on several threads at once), bound here:
   // inside the parallel regions below, Buffers() would be each worker's own
-  WinoBuffers& buf = Buffers(*wino, c, o, 0);
+  WinoBuffers& buf = Buffers(*wino, c, 0);
   dnnl::stream& s = Stream();
   dnnl::memory v_m = buf.Tiles(np, tc, c, vs, bf16), m_m = buf.Products(np, tc, o, ms);
   if (grouped) {  // the same buffers as 1 x (P C) x tc x 1 and 1 x (P O) x tc x 1, NHWC
